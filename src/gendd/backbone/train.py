@@ -1,0 +1,270 @@
+"""Train gendd's own backbone: first the VAE, then a class-conditional DiT on its latents.
+
+Stage 1 (VAE, Kingma & Welling 2014): ``L = ||D(E(x)) - x||^2 + kl_weight * KL(q(z|x) || N(0, I))``.
+The latent scaling factor is then set to ``1 / std(z)`` over the training set (the role 0.18215
+plays for Stable Diffusion's VAE), so latents have unit variance.
+
+Stage 2 (DiT, Peebles & Xie 2023; DDPM eps-objective, Ho et al. 2020):
+``L = E_{t, eps} ||eps - eps_theta(sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps, t, y)||^2`` with the label
+replaced by the null label with probability ``label_dropout`` (classifier-free guidance training).
+Weights used for sampling are an exponential moving average of the trained ones.
+
+Both stages checkpoint every ``checkpoint_every`` steps (model, EMA, optimiser, RNG, step) with an
+atomic rename, and resume from the last checkpoint when re-run with the same output folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from gendd.backbone.backbone import Backbone, BackboneMeta, _diffusers
+from gendd.data.base import ImageDataset, to_float
+from gendd.errors import ConfigError, NumericalError
+
+
+@dataclass
+class BackboneTrainConfig:
+    """Architecture and schedule of a small latent DiT backbone (defaults: Fashion-MNIST).
+
+    Attributes:
+        image_size: VAE input side; dataset images are padded by ``(image_size - dataset size) / 2``.
+        vae_channels: AutoencoderKL ``block_out_channels``; downsampling ``2 ** (len - 1)``.
+        latent_channels: VAE latent channels.
+        vae_steps, vae_batch_size, vae_lr, kl_weight: VAE optimisation (AdamW).
+        dit_hidden, dit_layers, dit_heads, patch_size: DiT width/depth (hidden = heads * head dim).
+        dit_steps, dit_batch_size, dit_lr, ema_decay, label_dropout: DiT optimisation (AdamW).
+        default_cfg_scale: guidance scale recorded with the backbone as its default.
+        checkpoint_every: steps between checkpoints.
+        seed: seeds initialisation, batches, noise and label dropout.
+        num_threads: torch threads (None = torch default).
+    """
+
+    image_size: int = 32
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    latent_channels: int = 4
+    vae_steps: int = 600
+    vae_batch_size: int = 128
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-6
+    dit_hidden: int = 128
+    dit_layers: int = 6
+    dit_heads: int = 4
+    patch_size: int = 2
+    dit_steps: int = 6000
+    dit_batch_size: int = 128
+    dit_lr: float = 3e-4
+    ema_decay: float = 0.999
+    label_dropout: float = 0.1
+    default_cfg_scale: float = 3.0
+    checkpoint_every: int = 200
+    seed: int = 0
+    num_threads: int | None = None
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _log(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def disable_builtin_label_dropout(transformer) -> None:
+    """diffusers' ``LabelEmbedding`` drops labels with the global RNG in train mode; gendd drops
+    them itself with an explicit generator (reproducible, resumable), so switch that off."""
+    from diffusers.models.embeddings import LabelEmbedding
+
+    for m in transformer.modules():
+        if isinstance(m, LabelEmbedding):
+            m.dropout_prob = 0.0
+
+
+def build_models(cfg: BackboneTrainConfig, channels: int, num_classes: int):
+    d = _diffusers()
+    n = len(cfg.vae_channels)
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        vae = d.AutoencoderKL(in_channels=channels, out_channels=channels,
+                              down_block_types=("DownEncoderBlock2D",) * n,
+                              up_block_types=("UpDecoderBlock2D",) * n,
+                              block_out_channels=tuple(cfg.vae_channels), layers_per_block=1,
+                              latent_channels=cfg.latent_channels, norm_num_groups=32,
+                              sample_size=cfg.image_size)
+        if cfg.dit_hidden % cfg.dit_heads:
+            raise ConfigError("dit_hidden must be a multiple of dit_heads")
+        dit = d.DiTTransformer2DModel(sample_size=cfg.image_size // 2 ** (n - 1),
+                                      in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+                                      patch_size=cfg.patch_size, num_layers=cfg.dit_layers,
+                                      num_attention_heads=cfg.dit_heads,
+                                      attention_head_dim=cfg.dit_hidden // cfg.dit_heads,
+                                      num_embeds_ada_norm=num_classes)
+    return vae, dit
+
+
+class _Stage:
+    """Checkpointed optimisation of one module (model + optional EMA + AdamW + RNG + step)."""
+
+    def __init__(self, name: str, model, lr: float, out: Path, ema_decay: float | None, seed: int):
+        self.name, self.model, self.out = name, model, out
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+        self.ema = copy.deepcopy(model).requires_grad_(False) if ema_decay else None
+        self.ema_decay = ema_decay
+        self.gen = torch.Generator().manual_seed(seed)
+        self.step = 0
+        self.ckpt = out / "checkpoints" / f"{name}.pt"
+        self.ckpt.parent.mkdir(parents=True, exist_ok=True)
+
+    def resume(self) -> bool:
+        if not self.ckpt.exists():
+            return False
+        state = torch.load(self.ckpt, map_location="cpu", weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = state["step"]
+        return True
+
+    def save(self) -> None:
+        _atomic_save({"model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                      "ema": self.ema.state_dict() if self.ema is not None else None,
+                      "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(), "step": self.step},
+                     self.ckpt)
+
+    def update(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise NumericalError(f"{self.name} loss is {loss.item()} at step {self.step}; lower the "
+                                 "learning rate")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.ema is not None:
+            with torch.no_grad():
+                for pe, p in zip(self.ema.parameters(), self.model.parameters()):
+                    pe.lerp_(p, 1.0 - self.ema_decay)
+        self.step += 1
+
+
+def train_backbone(dataset: ImageDataset, out: str | os.PathLike, cfg: BackboneTrainConfig | None = None,
+                   progress: bool = True) -> Backbone:
+    """Train VAE then DiT on ``dataset`` and write a diffusers folder to ``out``.
+
+    Resumes from ``out/checkpoints`` when present. Writes ``out/train_log.jsonl`` (one record per
+    logged step, with elapsed seconds) and ``out/train_config.json``.
+    """
+    cfg = cfg or BackboneTrainConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    pad = (cfg.image_size - dataset.image_size) // 2
+    if pad < 0 or 2 * pad + dataset.image_size != cfg.image_size:
+        raise ConfigError(f"image_size {cfg.image_size} must exceed the dataset's {dataset.image_size} "
+                          "by an even number of pixels")
+    cfg_file = out / "train_config.json"
+    record = {"config": asdict(cfg), "dataset": dataset.name, "fingerprint": dataset.fingerprint()}
+    if cfg_file.exists():
+        old = json.loads(cfg_file.read_text())
+        if old != json.loads(json.dumps(record)):
+            raise ConfigError(f"{out} holds a run with a different config or dataset; use another --out")
+    else:
+        cfg_file.write_text(json.dumps(record, indent=2))
+    log = out / "train_log.jsonl"
+    torch.manual_seed(cfg.seed)
+    vae, dit = build_models(cfg, dataset.channels, dataset.num_classes)
+    images = dataset.load(range(len(dataset)))  # uint8, fits in memory for the embedded data
+    labels = torch.as_tensor(dataset.labels)
+    meta = BackboneMeta(image_size=cfg.image_size, channels=dataset.channels, pad=pad,
+                        class_names=list(dataset.classes), default_cfg_scale=cfg.default_cfg_scale,
+                        source=f"gendd backbone train ({dataset.name})")
+    sched = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
+             "clip_sample": False}
+
+    # ---------------- stage 1: VAE
+    vae_stage = _Stage("vae", vae.train(), cfg.vae_lr, out, None, cfg.seed)
+    vae_stage.resume()
+    t0 = time.time()
+    bar = tqdm(total=cfg.vae_steps, initial=vae_stage.step, desc="VAE", disable=not progress)
+    while vae_stage.step < cfg.vae_steps:
+        idx = torch.randint(len(images), (cfg.vae_batch_size,), generator=vae_stage.gen)
+        x = torch.nn.functional.pad(to_float(images[idx]), (pad,) * 4, value=-1.0)
+        dist = vae.encode(x).latent_dist
+        z = dist.sample(generator=vae_stage.gen)
+        rec = vae.decode(z).sample
+        mse = torch.nn.functional.mse_loss(rec, x)
+        kl = dist.kl().mean()  # per image, summed over latent dims
+        loss = mse + cfg.kl_weight * kl / x[0].numel()  # = (SSE + kl_weight * KL) / pixels
+        vae_stage.update(loss)
+        bar.update(1)
+        bar.set_postfix(mse=f"{mse.item():.4f}")
+        if vae_stage.step % 50 == 0 or vae_stage.step == cfg.vae_steps:
+            _log(log, {"stage": "vae", "step": vae_stage.step, "mse": mse.item(), "kl": kl.item(),
+                       "seconds": time.time() - t0})
+        if vae_stage.step % cfg.checkpoint_every == 0 or vae_stage.step == cfg.vae_steps:
+            vae_stage.save()
+    bar.close()
+    vae.eval().requires_grad_(False)
+
+    # ---------------- encode the training set once (latent means), fix the scaling factor
+    latents_file = out / "checkpoints" / "train_latents.pt"
+    if latents_file.exists():
+        lat = torch.load(latents_file)
+    else:
+        chunks = []
+        with torch.no_grad():
+            for i in tqdm(range(0, len(images), 500), desc="encode", disable=not progress):
+                x = torch.nn.functional.pad(to_float(images[i:i + 500]), (pad,) * 4, value=-1.0)
+                chunks.append(vae.encode(x).latent_dist.mean)
+        z = torch.cat(chunks)
+        lat = {"z": z, "scaling_factor": float(1.0 / z.std())}
+        _atomic_save(lat, latents_file)
+    vae.register_to_config(scaling_factor=lat["scaling_factor"])
+    z_all = lat["z"] * lat["scaling_factor"]
+
+    # ---------------- stage 2: DiT
+    disable_builtin_label_dropout(dit)
+    dit_stage = _Stage("dit", dit.train(), cfg.dit_lr, out, cfg.ema_decay, cfg.seed + 1)
+    dit_stage.resume()
+    bb = Backbone(vae, dit, sched, meta)
+    abar = bb.alphas_cumprod.float()
+    t0 = time.time()
+    bar = tqdm(total=cfg.dit_steps, initial=dit_stage.step, desc="DiT", disable=not progress)
+    running = None
+    while dit_stage.step < cfg.dit_steps:
+        g = dit_stage.gen
+        idx = torch.randint(len(z_all), (cfg.dit_batch_size,), generator=g)
+        z0, y = z_all[idx], labels[idx].clone()
+        drop = torch.rand(y.shape, generator=g) < cfg.label_dropout
+        y[drop] = dataset.num_classes
+        t = torch.randint(0, bb.num_train_timesteps, (z0.shape[0],), generator=g)
+        noise = torch.randn(z0.shape, generator=g)
+        a = abar[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        pred = dit(zt, timestep=t, class_labels=y).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        dit_stage.update(loss)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{running:.4f}")
+        if dit_stage.step % 100 == 0 or dit_stage.step == cfg.dit_steps:
+            _log(log, {"stage": "dit", "step": dit_stage.step, "loss": running, "seconds": time.time() - t0})
+        if dit_stage.step % cfg.checkpoint_every == 0 or dit_stage.step == cfg.dit_steps:
+            dit_stage.save()
+    bar.close()
+    final = Backbone(vae, dit_stage.ema.eval(), sched, meta)
+    final.save_pretrained(out)
+    return final
