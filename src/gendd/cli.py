@@ -24,7 +24,7 @@ def backbone_train(
     data: str = typer.Option("fashion-mnist", help="Dataset name (see `gendd datasets`)."),
     data_root: Optional[Path] = typer.Option(None, help="Dataset root folder (ImageFolder datasets)."),
     image_size: int = typer.Option(32, help="VAE input side; dataset images are padded to it."),
-    vae_steps: int = typer.Option(600, help="VAE optimisation steps."),
+    vae_steps: int = typer.Option(400, help="VAE optimisation steps."),
     dit_steps: int = typer.Option(6000, help="DiT optimisation steps."),
     dit_layers: int = typer.Option(6, help="DiT depth."),
     dit_hidden: int = typer.Option(128, help="DiT width."),

@@ -68,7 +68,10 @@ class Backbone(torch.nn.Module):
         super().__init__()
         self.vae = vae
         self.transformer = transformer
-        self.scheduler_config = dict(scheduler_config)
+        # normalised to the full DDPMScheduler config, so a saved-and-loaded backbone hashes the same
+        self.scheduler_config = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
+        self.scheduler_config = {k: v for k, v in self.make_scheduler("ddpm").config.items()
+                                 if not k.startswith("_")}
         self.meta = meta or BackboneMeta(
             image_size=int(transformer.config.sample_size) * self.vae_downsample_factor,
             channels=int(vae.config.in_channels))
@@ -258,7 +261,8 @@ class Backbone(torch.nn.Module):
         """sha256 (16 hex) of every weight and config; identifies the backbone in caches/manifests."""
         h = hashlib.sha256()
         for name, module in (("vae", self.vae), ("transformer", self.transformer)):
-            h.update(json.dumps(dict(module.config), sort_keys=True, default=str).encode())
+            config = {k: v for k, v in module.config.items() if not k.startswith("_")}
+            h.update(json.dumps(config, sort_keys=True, default=str).encode())
             for k, v in sorted(module.state_dict().items()):
                 h.update(k.encode())
                 h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())

@@ -51,7 +51,7 @@ class BackboneTrainConfig:
     image_size: int = 32
     vae_channels: tuple[int, ...] = (32, 64, 64)
     latent_channels: int = 4
-    vae_steps: int = 600
+    vae_steps: int = 400
     vae_batch_size: int = 128
     vae_lr: float = 2e-3
     kl_weight: float = 1e-6

@@ -1,0 +1,117 @@
+"""Latent cache: a dataset encoded once per (dataset, backbone, transform), one safetensors file a class.
+
+Layout::
+
+    <cache_dir>/<key>/meta.json
+    <cache_dir>/<key>/class_0000.safetensors   # {"latents": (n, C, h, w) float32, "indices": (n,) int64}
+
+``key`` is a sha256 over the dataset fingerprint, the backbone's content hash and the transform
+(padding, flip, posterior mean vs sample). A class file appears only once complete (written to a
+temporary name, then renamed), so an interrupted encode resumes at the first missing class.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from gendd.data.base import ImageDataset, to_float
+
+
+def default_cache_dir() -> Path:
+    """``$GENDD_CACHE`` or ``~/.cache/gendd/latents``."""
+    return Path(os.environ.get("GENDD_CACHE", Path.home() / ".cache" / "gendd" / "latents"))
+
+
+@dataclass(frozen=True)
+class EncodeSpec:
+    """How images become cached latents.
+
+    Attributes:
+        sample: draw ``z ~ q(z|x)`` instead of taking the posterior mean (MGD3 and the references
+            use the mean for modes; D3HR samples).
+        flip: also store the horizontally flipped copy of every image (MGD3's reference loader
+            flips at random; storing both halves is its deterministic equivalent).
+        seed: randomness of ``sample=True``.
+    """
+
+    sample: bool = False
+    flip: bool = False
+    seed: int = 0
+
+
+def cache_key(dataset: ImageDataset, backbone, spec: EncodeSpec) -> str:
+    h = hashlib.sha256(json.dumps({"dataset": dataset.fingerprint(), "backbone": backbone.content_hash(),
+                                   "pad": backbone.meta.pad, "spec": asdict(spec)}, sort_keys=True).encode())
+    return h.hexdigest()[:20]
+
+
+def _atomic_save_file(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+class LatentCache:
+    """Per-class latents of one dataset under one backbone. Build with :meth:`build`."""
+
+    def __init__(self, root: Path, num_classes: int) -> None:
+        self.root = Path(root)
+        self.num_classes = num_classes
+
+    def class_file(self, c: int) -> Path:
+        return self.root / f"class_{c:04d}.safetensors"
+
+    def is_complete(self) -> bool:
+        return all(self.class_file(c).exists() for c in range(self.num_classes))
+
+    def load(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(latents, dataset indices)`` of class ``c``; a flipped copy shares its source index."""
+        d = load_file(str(self.class_file(c)))
+        return d["latents"], d["indices"]
+
+    def latents(self, c: int) -> torch.Tensor:
+        return self.load(c)[0]
+
+    @classmethod
+    def build(cls, dataset: ImageDataset, backbone, cache_dir: str | os.PathLike | None = None,
+              spec: EncodeSpec = EncodeSpec(), batch_size: int = 256, progress: bool = True) -> "LatentCache":
+        """Encode every class not yet cached; return the cache."""
+        key = cache_key(dataset, backbone, spec)
+        root = Path(cache_dir or default_cache_dir()) / key
+        root.mkdir(parents=True, exist_ok=True)
+        meta = {"dataset": dataset.name, "split": dataset.split, "fingerprint": dataset.fingerprint(),
+                "backbone": backbone.content_hash(), "spec": asdict(spec), "classes": dataset.classes}
+        (root / "meta.json").write_text(json.dumps(meta, indent=2))
+        cache = cls(root, dataset.num_classes)
+        todo = [c for c in range(dataset.num_classes) if not cache.class_file(c).exists()]
+        gen = torch.Generator().manual_seed(spec.seed)
+        bar = tqdm(total=sum(len(dataset.class_indices(c)) for c in todo), desc="encoding",
+                   disable=not progress or not todo)
+        for c in todo:
+            idx = dataset.class_indices(c)
+            gen.manual_seed(spec.seed * 100_003 + c)  # per class: resuming gives the same latents
+            zs = []
+            for b0 in range(0, len(idx), batch_size):
+                x = to_float(dataset.load(idx[b0:b0 + batch_size]))
+                zs.append(backbone.encode(x, generator=gen, sample=spec.sample))
+                bar.update(len(x))
+            z = torch.cat(zs)
+            ind = torch.as_tensor(idx, dtype=torch.long)
+            if spec.flip:
+                zf = []
+                for b0 in range(0, len(idx), batch_size):
+                    x = to_float(dataset.load(idx[b0:b0 + batch_size])).flip(-1)
+                    zf.append(backbone.encode(x, generator=gen, sample=spec.sample))
+                z, ind = torch.cat([z, torch.cat(zf)]), torch.cat([ind, ind])
+            _atomic_save_file({"latents": z.contiguous(), "indices": ind.contiguous()}, cache.class_file(c),
+                              metadata={"class": dataset.classes[c]})
+        bar.close()
+        return cache

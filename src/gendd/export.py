@@ -1,0 +1,164 @@
+"""Run a method over every class and write the distilled set.
+
+Output folder::
+
+    out/<class>/<i>.png            # ImageFolder, dataset geometry
+    out/latents/<class>.safetensors  # {"latents": ..., plus method tensors such as modes}
+    out/manifest.json              # method, config, seeds, versions, backbone, dataset, sha256 per file
+
+Each class is written into ``out/.partial-<class>/`` and renamed to ``out/<class>/`` once complete;
+the rename is the commit point, so an interrupted run leaves no half-written class and a re-run
+resumes at the first class that is missing. The manifest is rewritten (atomically) after each class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from gendd.data.base import ImageDataset, to_uint8
+from gendd.errors import ConfigError, DataError
+from gendd.methods.base import ClassContext, Method, seed_for
+
+MANIFEST = "manifest.json"
+
+
+def package_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("gendd", "torch", "diffusers", "numpy", "safetensors", "scikit-learn", "Pillow"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def save_png(image: torch.Tensor, path: Path) -> None:
+    """uint8 (C, H, W) -> PNG (greyscale for C = 1, RGB for C = 3)."""
+    arr = image.cpu().numpy()
+    arr = arr[0] if arr.shape[0] == 1 else np.transpose(arr, (1, 2, 0))
+    Image.fromarray(arr).save(path, format="PNG")
+
+
+def _run_identity(method: Method, dataset: ImageDataset, ipc: int, backbone) -> dict[str, Any]:
+    """What must match for a re-run to resume into the same folder."""
+    return {"method": method.name, "config": dataclasses.asdict(method.config), "ipc": ipc,
+            "dataset": {"name": dataset.name, "split": dataset.split, "fingerprint": dataset.fingerprint(),
+                        "classes": list(dataset.classes)},
+            "backbone": None if backbone is None else {
+                "path": getattr(backbone, "source_path", None), "hash": backbone.content_hash()}}
+
+
+def distill(method: Method, dataset: ImageDataset, ipc: int, out: str | os.PathLike, *, backbone=None,
+            cache=None, classes: list[int] | None = None, progress: bool = True,
+            overwrite: bool = False) -> dict[str, Any]:
+    """Distil ``dataset`` into ``ipc`` items per class with ``method`` and export to ``out``.
+
+    Args:
+        classes: restrict to these local class indices (default all); a later call with the rest
+            completes the same folder.
+        overwrite: delete an existing folder of a different run instead of refusing.
+
+    Returns the manifest dict.
+    """
+    if ipc < 1:
+        raise ConfigError(f"IPC must be >= 1, got {ipc}")
+    if method.needs_backbone and backbone is None:
+        raise ConfigError(f"method {method.name!r} needs a backbone (--backbone)")
+    if method.needs_cache and cache is None:
+        raise ConfigError(f"method {method.name!r} needs the latent cache of the dataset")
+    classes = list(range(dataset.num_classes)) if classes is None else list(classes)
+    for c in classes:  # fail before writing anything
+        n = len(dataset.class_indices(c))
+        if method.selects_real and ipc > n:
+            raise DataError(f"IPC {ipc} exceeds the {n} images of class {dataset.classes[c]!r}")
+    out = Path(out)
+    identity = _run_identity(method, dataset, ipc, backbone)
+    mpath = out / MANIFEST
+    if mpath.exists():
+        old = json.loads(mpath.read_text())
+        same = {k: old.get(k) for k in identity} == json.loads(json.dumps(identity, default=str))
+        if not same:
+            if not overwrite:
+                raise ConfigError(f"{out} holds a different distillation run; choose another --out "
+                                  "or pass --overwrite")
+            shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latents").mkdir(exist_ok=True)
+    manifest = json.loads(mpath.read_text()) if mpath.exists() else {
+        **identity, "seed_rule": "class generator seed = (seed * 1000003 + class index) mod 2**63",
+        "versions": package_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "classes_done": {}, "files": {}}
+    for stale in out.glob(".partial-*"):  # left by an interrupted run
+        shutil.rmtree(stale)
+    todo = [c for c in classes if not (out / dataset.classes[c]).is_dir()]
+    bar = tqdm(todo, desc=f"{method.name} ipc={ipc}", disable=not progress)
+    for c in bar:
+        name = dataset.classes[c]
+        t0 = time.time()
+        seed = seed_for(method.config.seed, c)
+        ctx = ClassContext(label=c, name=name, model_label=int(dataset.model_labels[c]), ipc=ipc,
+                           dataset=dataset, generator=torch.Generator().manual_seed(seed), backbone=backbone,
+                           cache=cache, progress=progress)
+        res = method.distill_class(ctx)
+        images = res.images
+        if images is None:
+            if res.latents is None:
+                raise ConfigError(f"method {method.name} returned neither images nor latents")
+            images = torch.cat([to_uint8(backbone.decode(res.latents[i:i + 64]))
+                                for i in range(0, res.latents.shape[0], 64)])
+        if images.shape[0] != ipc:
+            raise ConfigError(f"method {method.name} returned {images.shape[0]} items for class {name}, "
+                              f"expected {ipc}")
+        part = out / f".partial-{name}"
+        part.mkdir()
+        for i, img in enumerate(images):
+            save_png(img, part / f"{i}.png")
+        tensors = dict(res.tensors)
+        if res.latents is not None:
+            tensors["latents"] = res.latents.float().cpu()
+        if tensors:
+            lat_path = out / "latents" / f"{name}.safetensors"
+            tmp = lat_path.with_name(lat_path.name + ".tmp")
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+            os.replace(tmp, lat_path)
+        os.replace(part, out / name)  # commit point
+        files = {f"{name}/{i}.png": sha256_file(out / name / f"{i}.png") for i in range(ipc)}
+        if tensors:
+            files[f"latents/{name}.safetensors"] = sha256_file(out / "latents" / f"{name}.safetensors")
+        manifest["files"].update(files)
+        manifest["classes_done"][name] = {"seed": seed, "seconds": round(time.time() - t0, 3), **res.extra}
+        _write_json_atomic(mpath, manifest)
+    manifest["complete"] = all((out / dataset.classes[c]).is_dir() for c in range(dataset.num_classes))
+    manifest["seconds_total"] = round(sum(v["seconds"] for v in manifest["classes_done"].values()), 3)
+    _write_json_atomic(mpath, manifest)
+    return manifest

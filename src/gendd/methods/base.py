@@ -1,0 +1,126 @@
+"""Method protocol and registry.
+
+A method distils one class at a time: :meth:`Method.distill_class` receives a :class:`ClassContext`
+(the class, IPC, the dataset, the backbone, the latent cache, a seeded generator) and returns a
+:class:`ClassResult` (latents to decode, or real images). The export stage handles everything else
+(decoding, files, manifest, resume), so a method module holds only its algorithm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from gendd.data.base import ImageDataset
+from gendd.errors import ConfigError
+
+
+@dataclass
+class MethodConfig:
+    """Options every method has. ``seed`` fixes all randomness (one generator per class)."""
+
+    seed: int = 0
+
+
+@dataclass
+class ClassContext:
+    """Everything a method may use to distil class ``label`` (local index) into ``ipc`` items."""
+
+    label: int
+    name: str
+    model_label: int
+    ipc: int
+    dataset: ImageDataset
+    generator: torch.Generator
+    backbone: Any = None
+    cache: Any = None  # gendd.cache.LatentCache or None
+    progress: bool = False
+
+    def class_latents(self) -> torch.Tensor:
+        """Cached latents of this class; raises if the method needs a cache that was not built."""
+        if self.cache is None:
+            raise ConfigError("this method needs the latent cache; run it with a backbone")
+        return self.cache.latents(self.label)
+
+
+@dataclass
+class ClassResult:
+    """Distilled items of one class: ``latents`` (decoded by the pipeline) and/or uint8 ``images``."""
+
+    latents: torch.Tensor | None = None
+    images: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # small JSON-able facts for the manifest
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # saved beside the latents
+
+
+def seed_for(seed: int, label: int) -> int:
+    """The generator seed of class ``label``: distinct per class, stable across runs and resumes."""
+    return (int(seed) * 1_000_003 + int(label)) % (2**63)
+
+
+class Method:
+    """Base class. Subclasses set ``name``, ``config_class``, the ``needs_*``/``selects_real`` flags
+    and implement :meth:`distill_class`."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    needs_backbone: ClassVar[bool] = False
+    needs_cache: ClassVar[bool] = False
+    selects_real: ClassVar[bool] = False  # returns real images, so IPC may not exceed a class
+    summary: ClassVar[str] = ""
+
+    def __init__(self, config: MethodConfig | None = None, **kwargs: Any) -> None:
+        if config is None:
+            config = self.config_class(**kwargs)
+        elif kwargs:
+            config = dataclasses.replace(config, **kwargs)
+        if not isinstance(config, self.config_class):
+            raise ConfigError(f"{self.name} expects a {self.config_class.__name__}")
+        self.config = config
+
+    def distill_class(self, ctx: ClassContext) -> ClassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` available under ``cls.name``."""
+    if not cls.name:
+        raise ValueError("a registered method needs a name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_builtin() -> None:
+    # Importing the modules registers them; done on first lookup, not at package import.
+    from gendd.methods import dit, random  # noqa: F401
+
+
+def available_methods() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> type[Method]:
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def build_method(name: str, **options: Any) -> Method:
+    """``build_method("dit", cfg_scale=3.0)``: unknown options raise ConfigError."""
+    cls = get_method(name)
+    known = {f.name for f in dataclasses.fields(cls.config_class)}
+    bad = sorted(set(options) - known)
+    if bad:
+        raise ConfigError(f"method {name!r} has no option(s) {', '.join(bad)}; options: {', '.join(sorted(known))}")
+    return cls(cls.config_class(**options))
+
+
+Factory = Callable[..., Method]
