@@ -46,6 +46,160 @@ def backbone_train(
     typer.echo(f"backbone written to {out}")
 
 
+@backbone_app.command("sample")
+def backbone_sample(
+    out: Path = typer.Option(..., help="PNG grid to write (one row per class)."),
+    backbone: str = typer.Option("fashion-mnist", help="Shipped name, diffusers folder or hub id."),
+    vae: Optional[str] = typer.Option(None, help="Separate AutoencoderKL folder/hub id."),
+    per_class: int = typer.Option(10, help="Samples per class."),
+    classes: int = typer.Option(10, help="First N classes."),
+    sampler: str = typer.Option("ddpm", help="ddpm or ddim."),
+    steps: int = typer.Option(50, help="Sampling steps."),
+    cfg_scale: Optional[float] = typer.Option(None, help="Guidance scale (default: the backbone's)."),
+    seed: int = typer.Option(0, help="Seed."),
+) -> None:
+    """Sample a grid of class-conditional images from a backbone."""
+    import torch
+
+    from gendd.backbone import SamplerConfig, sample
+    from gendd.data.base import to_uint8
+    from gendd.export import save_grid
+    from gendd.pipeline import resolve_backbone
+
+    bb = resolve_backbone(backbone, vae)
+    g = torch.Generator().manual_seed(seed)
+    n = min(classes, bb.num_classes)
+    labels = torch.arange(n).repeat_interleave(per_class)
+    noise = torch.randn((len(labels), *bb.latent_shape), generator=g)
+    scale = bb.meta.default_cfg_scale if cfg_scale is None else cfg_scale
+    z = sample(bb, noise, labels, SamplerConfig(sampler, steps, scale), generator=g, progress=True)
+    save_grid(to_uint8(bb.decode(z)), per_class, out)
+    typer.echo(f"wrote {out}")
+
+
+@backbone_app.command("info")
+def backbone_info(backbone: str = typer.Argument("fashion-mnist", help="Shipped name, folder or hub id.")) -> None:
+    """Print a backbone's geometry, classes, schedule and content hash."""
+    import json
+    from dataclasses import asdict
+
+    from gendd.pipeline import resolve_backbone
+
+    bb = resolve_backbone(backbone)
+    info = {"latent_shape": bb.latent_shape, "num_classes": bb.num_classes, "learned_sigma": bb.learned_sigma,
+            "scaling_factor": bb.scaling_factor, "hash": bb.content_hash(), "meta": asdict(bb.meta),
+            "parameters": {"vae": sum(p.numel() for p in bb.vae.parameters()),
+                           "transformer": sum(p.numel() for p in bb.transformer.parameters())}}
+    typer.echo(json.dumps(info, indent=2))
+
+
+@app.command("datasets")
+def datasets_cmd() -> None:
+    """List the dataset names gendd reads."""
+    from gendd.data import DATASET_NAMES
+
+    for n in DATASET_NAMES:
+        typer.echo(n)
+
+
+@app.command("methods")
+def methods_cmd() -> None:
+    """List the registered distillation methods and their options."""
+    import dataclasses
+
+    from gendd.methods import available_methods, get_method
+
+    for name in available_methods():
+        cls = get_method(name)
+        opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.config_class))
+        typer.echo(f"{name:10s} {cls.summary}\n{'':10s} options: {opts}")
+
+
+@app.command("cache")
+def cache_cmd(
+    data: str = typer.Option("fashion-mnist", help="Dataset name."),
+    data_root: Optional[Path] = typer.Option(None, help="Dataset root (ImageFolder datasets)."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone (default: the dataset's shipped one)."),
+    vae: Optional[str] = typer.Option(None, help="Separate AutoencoderKL folder/hub id."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Cache root (default $GENDD_CACHE or ~/.cache/gendd/latents)."),
+    flip: bool = typer.Option(False, help="Also cache horizontally flipped images."),
+    sample_posterior: bool = typer.Option(False, "--sample", help="Cache z ~ q(z|x) instead of its mean."),
+) -> None:
+    """Encode a dataset's training split into the latent cache (resumable)."""
+    from gendd.cache import EncodeSpec, LatentCache
+    from gendd.data import get_dataset
+    from gendd.pipeline import default_backbone_for, resolve_backbone
+
+    spec = backbone or default_backbone_for(data)
+    if spec is None:
+        raise typer.BadParameter("--backbone is required for this dataset")
+    ds = get_dataset(data, "train", root=data_root)
+    cache = LatentCache.build(ds, resolve_backbone(spec, vae), cache_dir,
+                              EncodeSpec(sample=sample_posterior, flip=flip))
+    typer.echo(f"latents cached in {cache.root}")
+
+
+@app.command("distill")
+def distill_cmd(
+    method: str = typer.Argument(..., help="Method name (see `gendd methods`)."),
+    out: Path = typer.Option(..., help="Output folder: <class>/<i>.png + latents/ + manifest.json."),
+    data: str = typer.Option("fashion-mnist", help="Dataset name (see `gendd datasets`)."),
+    data_root: Optional[Path] = typer.Option(None, help="Dataset root (ImageFolder datasets)."),
+    ipc: int = typer.Option(10, help="Images per class."),
+    backbone: Optional[str] = typer.Option(None, help="Shipped name, diffusers folder or hub id (default: the dataset's)."),
+    vae: Optional[str] = typer.Option(None, help="Separate AutoencoderKL folder/hub id."),
+    seed: int = typer.Option(0, help="Seed (one generator per class)."),
+    option: list[str] = typer.Option([], "--set", help="Method option key=value (repeatable)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Latent cache root."),
+    overwrite: bool = typer.Option(False, help="Replace a folder that holds a different run."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+) -> None:
+    """Distil a dataset with a method; resumes an interrupted run in the same folder."""
+    from gendd.pipeline import parse_options, run_distill
+
+    opts = {"seed": seed, **parse_options(option)}
+    m = run_distill(method, data, ipc, out, data_root=data_root, backbone=backbone, vae=vae, options=opts,
+                    cache_dir=cache_dir, progress=not quiet, overwrite=overwrite)
+    typer.echo(f"{method}: {len(m['classes_done'])} classes, {m['seconds_total']:.1f} s -> {out}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    folder: Path = typer.Argument(..., help="Distilled folder (<class>/<i>.png)."),
+    data: Optional[str] = typer.Option(None, help="Dataset whose test split is used (default: from manifest)."),
+    data_root: Optional[Path] = typer.Option(None, help="Dataset root (ImageFolder datasets)."),
+    profile: str = typer.Option("quick", help="Protocol profile: paper (1000 epochs x 5) or quick."),
+    epochs: Optional[int] = typer.Option(None, help="Override the profile's epochs."),
+    repeats: Optional[int] = typer.Option(None, help="Override the profile's repeats."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="Override bf16 autocast."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+) -> None:
+    """Train ConvNet-3 students on a distilled set (DC/DSA protocol) and test on the real test split."""
+    from gendd.pipeline import format_row, run_evaluate
+
+    overrides = {k: v for k, v in {"epochs": epochs, "repeats": repeats, "autocast_bf16": bf16}.items()
+                 if v is not None}
+    s = run_evaluate(folder, data=data, data_root=data_root, profile=profile, overrides=overrides,
+                     progress=not quiet)
+    typer.echo(f"{folder}: {format_row(s)}")
+
+
+@app.command("run")
+def run_cmd(
+    out: Path = typer.Option(Path("runs/main"), help="Output folder."),
+    ipc: int = typer.Option(10, help="Images per class."),
+    methods: str = typer.Option("random,dit", help="Comma-separated methods."),
+    profile: str = typer.Option("quick", help="Evaluation profile."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+) -> None:
+    """Main job: distil Fashion-MNIST with each method, evaluate each, print a table."""
+    from gendd.pipeline import main_job
+
+    main_job(out, methods=tuple(m.strip() for m in methods.split(",") if m.strip()), ipc=ipc,
+             profile=profile, progress=not quiet)
+    typer.echo((out / "results.md").read_text())
+
+
 def main() -> None:
     """Entry point: GenddError -> one line on stderr, exit status 2."""
     try:

@@ -69,6 +69,17 @@ def save_png(image: torch.Tensor, path: Path) -> None:
     Image.fromarray(arr).save(path, format="PNG")
 
 
+def save_grid(images: torch.Tensor, nrow: int, path: str | os.PathLike, pad: int = 2) -> None:
+    """uint8 (N, C, H, W) -> one PNG grid, ``nrow`` images per row."""
+    n, c, h, w = images.shape
+    rows = (n + nrow - 1) // nrow
+    grid = torch.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, k = divmod(i, nrow)
+        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = images[i]
+    save_png(grid, Path(path))
+
+
 def _run_identity(method: Method, dataset: ImageDataset, ipc: int, backbone) -> dict[str, Any]:
     """What must match for a re-run to resume into the same folder."""
     return {"method": method.name, "config": dataclasses.asdict(method.config), "ipc": ipc,

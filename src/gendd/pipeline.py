@@ -1,0 +1,172 @@
+"""The pipeline stages the CLI calls: resolve a backbone, distil, evaluate (resumable), main job.
+
+data -> backbone -> latent cache -> method -> export -> evaluate -> report
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gendd.errors import ConfigError, DataError
+
+#: Backbones shipped with the package, by name.
+SHIPPED_BACKBONES = {"fashion-mnist": "fashion-mnist"}
+
+
+def shipped_backbone_path(name: str) -> Path:
+    from importlib.resources import files
+
+    return Path(str(files("gendd") / "assets" / "backbones" / SHIPPED_BACKBONES[name]))
+
+
+def resolve_backbone(spec: str | os.PathLike, vae: str | os.PathLike | None = None):
+    """A shipped backbone name (``fashion-mnist``), a local diffusers DiT folder, or a hub id in the
+    local Hugging Face cache (``facebook/DiT-XL-2-256``, with ``vae="stabilityai/sd-vae-ft-ema"``)."""
+    from gendd.backbone import Backbone
+
+    if str(spec) in SHIPPED_BACKBONES:
+        path = shipped_backbone_path(str(spec))
+        if not (path / "transformer").is_dir():
+            raise ConfigError(f"the shipped backbone {spec!r} is missing from {path}; reinstall gendd or "
+                              "train one with `gendd backbone train`")
+        return Backbone.from_pretrained(path, vae=vae)
+    return Backbone.from_pretrained(spec, vae=vae)
+
+
+def default_backbone_for(data: str) -> str | None:
+    return data if data in SHIPPED_BACKBONES else None
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """``["cfg_scale=3", "sampler=ddim"]`` -> ``{"cfg_scale": 3, "sampler": "ddim"}`` (JSON values)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"option {pair!r} is not key=value")
+        k, v = pair.split("=", 1)
+        try:
+            out[k.strip().replace("-", "_")] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip().replace("-", "_")] = v
+    return out
+
+
+def run_distill(method_name: str, data: str, ipc: int, out: str | os.PathLike, *, data_root=None,
+                backbone: str | None = None, vae: str | None = None, options: dict | None = None,
+                cache_dir=None, progress: bool = True, overwrite: bool = False) -> dict:
+    """Build everything a method needs and export its distilled set to ``out``."""
+    from gendd.data import get_dataset
+    from gendd.export import distill
+    from gendd.methods import build_method
+
+    method = build_method(method_name, **(options or {}))
+    ds = get_dataset(data, "train", root=data_root)
+    bb = None
+    spec = backbone or default_backbone_for(data)
+    if method.needs_backbone or method.needs_cache or backbone is not None:
+        if spec is None:
+            raise ConfigError(f"method {method_name!r} needs --backbone for dataset {data!r}")
+        bb = resolve_backbone(spec, vae)
+    cache = None
+    if method.needs_cache:
+        from gendd.cache import LatentCache
+
+        cache = LatentCache.build(ds, bb, cache_dir, progress=progress)
+    return distill(method, ds, ipc, out, backbone=bb, cache=cache, progress=progress, overwrite=overwrite)
+
+
+def _summarize(runs: list[dict]) -> dict[str, float]:
+    final = np.array([r["final_acc"] for r in runs])
+    best = np.array([r["best_acc"] for r in runs])
+    return {"final_mean": float(final.mean()), "final_std": float(final.std()),
+            "best_mean": float(best.mean()), "best_std": float(best.std()), "num_runs": len(runs),
+            "seconds_per_run": float(np.mean([r["seconds"] for r in runs]))}
+
+
+def run_evaluate(folder: str | os.PathLike, *, data: str | None = None, data_root=None, profile: str = "quick",
+                 overrides: dict | None = None, progress: bool = True) -> dict:
+    """Evaluate a distilled folder under a named protocol profile; resumable per student.
+
+    Each finished student is appended to ``<folder>/eval-<profile>.partial.json``; a re-run trains
+    only the missing seeds. The summary goes to ``<folder>/eval-<profile>.json``.
+    """
+    from gendd.data import get_dataset
+    from gendd.data.imagefolder import load_image_dir
+    from gendd.evaluate import evaluate_distilled, get_profile
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"distilled folder {folder} does not exist")
+    manifest = {}
+    if (folder / "manifest.json").exists():
+        manifest = json.loads((folder / "manifest.json").read_text())
+    data = data or manifest.get("dataset", {}).get("name")
+    if data is None:
+        raise ConfigError(f"{folder} has no manifest.json; pass --data")
+    protocol = get_profile(profile)
+    if overrides:
+        protocol = protocol.with_overrides(**overrides)
+    test = get_dataset(data, "test", root=data_root)
+    train = load_image_dir(folder, test.classes, test.channels, name=f"distilled:{folder.name}",
+                           mean=test.mean, std=test.std)
+    tag = profile if not overrides else profile + "-" + "-".join(f"{k}{v}" for k, v in sorted(overrides.items()))
+    partial_path = folder / f"eval-{tag}.partial.json"
+    key = {"protocol": asdict(protocol), "train_fingerprint": train.fingerprint()}
+    runs: list[dict] = []
+    if partial_path.exists():
+        saved = json.loads(partial_path.read_text())
+        if saved.get("key") == json.loads(json.dumps(key)):
+            runs = saved["runs"]
+    t0 = time.time()
+    for seed in range(protocol.repeats):
+        if any(r["seed"] == seed for r in runs):
+            continue
+        res = evaluate_distilled(train, test, protocol, seeds=[seed], progress=progress)
+        run = {k: v for k, v in res["runs"][0].items() if k != "model"}
+        run["seed"] = seed
+        runs.append(run)
+        tmp = partial_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "runs": runs}, default=str))
+        os.replace(tmp, partial_path)
+    summary = {**_summarize(runs), "profile": profile, "protocol": asdict(protocol), "dataset": data,
+               "test_split": test.split, "test_size": len(test) if protocol.test_limit is None
+               else protocol.test_limit, "train_size": len(train), "folder": str(folder),
+               "method": manifest.get("method"), "ipc": manifest.get("ipc"), "runs": runs,
+               "seconds_this_call": round(time.time() - t0, 2)}
+    out = folder / f"eval-{tag}.json"
+    out.write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def format_row(summary: dict) -> str:
+    return (f"final {summary['final_mean']:.2f} ± {summary['final_std']:.2f} | best "
+            f"{summary['best_mean']:.2f} ± {summary['best_std']:.2f} ({summary['num_runs']} runs, "
+            f"{summary['protocol']['epochs']} epochs, {summary['seconds_per_run']:.0f} s/run)")
+
+
+def main_job(out: str | os.PathLike = "runs/main", *, methods=("random", "dit"), ipc: int = 10,
+             profile: str = "quick", data: str = "fashion-mnist", progress: bool = True) -> list[dict]:
+    """Distil ``data`` at ``ipc`` with each method, evaluate each, return the rows."""
+    out = Path(out)
+    rows = []
+    for m in methods:
+        t0 = time.time()
+        manifest = run_distill(m, data, ipc, out / f"{m}-ipc{ipc}", progress=progress)
+        t_distill = manifest.get("seconds_total", time.time() - t0)
+        summary = run_evaluate(out / f"{m}-ipc{ipc}", profile=profile, progress=progress)
+        rows.append({"method": m, "ipc": ipc, "distill_seconds": t_distill, **summary})
+    table = ["| method | IPC | final acc % | best acc % | runs | distil s | eval s/run |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        table.append(f"| {r['method']} | {r['ipc']} | {r['final_mean']:.2f} ± {r['final_std']:.2f} | "
+                     f"{r['best_mean']:.2f} ± {r['best_std']:.2f} | {r['num_runs']} | "
+                     f"{r['distill_seconds']:.1f} | {r['seconds_per_run']:.1f} |")
+    (out / "results.md").write_text("\n".join(table) + "\n")
+    return rows

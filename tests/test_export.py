@@ -1,0 +1,112 @@
+"""Export: files, manifest, determinism, resume after interruption, refusal to mix runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gendd.errors import ConfigError, DataError
+from gendd.export import distill, sha256_file
+from gendd.methods import ClassResult, build_method, get_method
+from gendd.methods.base import Method, MethodConfig
+
+
+def _hashes(folder):
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*.png"))}
+
+
+def test_random_export_layout_and_manifest(toy_dataset, tmp_path):
+    m = distill(build_method("random", seed=3), toy_dataset, 4, tmp_path / "o", progress=False)
+    out = tmp_path / "o"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["c0", "c1", "c2", "c3", "latents"]
+    assert len(list((out / "c2").glob("*.png"))) == 4
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest == json.loads(json.dumps(m, default=str))
+    assert manifest["complete"] and manifest["method"] == "random" and manifest["config"] == {"seed": 3}
+    assert {"torch", "python", "gendd"} <= set(manifest["versions"])
+    for rel, digest in manifest["files"].items():
+        assert sha256_file(out / rel) == digest
+    # exported pixels are the chosen real images
+    idx = manifest["classes_done"]["c1"]["indices"]
+    from PIL import Image
+    import numpy as np
+    img = np.array(Image.open(out / "c1" / "0.png"))
+    assert np.array_equal(img, toy_dataset.load([idx[0]])[0, 0].numpy())
+    assert len(set(idx)) == 4 and all(toy_dataset.labels[i] == 1 for i in idx)
+
+
+def test_ipc_larger_than_class_writes_nothing(toy_dataset, tmp_path):
+    with pytest.raises(DataError, match="IPC 7 exceeds the 6 images of class 'c0'"):
+        distill(build_method("random"), toy_dataset, 7, tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_dit_same_seed_identical_files(toy_dataset, tiny_bb, tmp_path):
+    ds = toy_dataset
+    m = build_method("dit", num_steps=4, cfg_scale=2.0, seed=5)
+    distill(m, ds, 2, tmp_path / "a", backbone=tiny_bb, progress=False)
+    distill(m, ds, 2, tmp_path / "b", backbone=tiny_bb, progress=False)
+    distill(build_method("dit", num_steps=4, cfg_scale=2.0, seed=6), ds, 2, tmp_path / "c", backbone=tiny_bb,
+            progress=False)
+    assert _hashes(tmp_path / "a") == _hashes(tmp_path / "b")
+    assert _hashes(tmp_path / "a") != _hashes(tmp_path / "c")
+    from safetensors.torch import load_file
+    lat = load_file(str(tmp_path / "a" / "latents" / "c0.safetensors"))["latents"]
+    assert lat.shape == (2, *tiny_bb.latent_shape)
+
+
+class _Interrupting(Method):
+    """dit, but raises KeyboardInterrupt at one class (a user's Ctrl-C mid-run), counting calls."""
+
+    name = "interrupting"
+    needs_backbone = True
+
+    def __init__(self, fail_at=None):
+        super().__init__(get_method("dit").config_class(num_steps=3, cfg_scale=2.0))
+        self.inner = get_method("dit")(self.config)
+        self.fail_at, self.calls = fail_at, []
+
+    def distill_class(self, ctx):
+        self.calls.append(ctx.label)
+        if ctx.label == self.fail_at:
+            raise KeyboardInterrupt
+        return self.inner.distill_class(ctx)
+
+
+def test_resume_after_interrupted_export(toy_dataset, tiny_bb, tmp_path):
+    full = _Interrupting()
+    distill(full, toy_dataset, 3, tmp_path / "ref", backbone=tiny_bb, progress=False)
+    first = _Interrupting(fail_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        distill(first, toy_dataset, 3, tmp_path / "o", backbone=tiny_bb, progress=False)
+    out = tmp_path / "o"
+    assert (out / "c0").is_dir() and (out / "c1").is_dir() and not (out / "c2").exists()
+    assert not list(out.glob(".partial-*"))
+    assert not json.loads((out / "manifest.json").read_text()).get("complete")
+    # simulate a crash while writing class 2: a partial folder is left behind
+    (out / ".partial-c2").mkdir()
+    (out / ".partial-c2" / "0.png").write_bytes(b"half")
+    second = _Interrupting()
+    m = distill(second, toy_dataset, 3, out, backbone=tiny_bb, progress=False)
+    assert second.calls == [2, 3]  # finished classes are not recomputed
+    assert m["complete"] and not list(out.glob(".partial-*"))
+    assert _hashes(out) == _hashes(tmp_path / "ref")
+
+
+def test_refuses_to_mix_runs(toy_dataset, tmp_path):
+    distill(build_method("random", seed=0), toy_dataset, 2, tmp_path / "o", progress=False)
+    with pytest.raises(ConfigError, match="different distillation run"):
+        distill(build_method("random", seed=1), toy_dataset, 2, tmp_path / "o", progress=False)
+    distill(build_method("random", seed=1), toy_dataset, 2, tmp_path / "o", progress=False, overwrite=True)
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["config"]["seed"] == 1
+
+
+def test_method_registry_errors():
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        build_method("nope")
+    with pytest.raises(ConfigError, match="has no option"):
+        build_method("dit", guidance=3)
+    with pytest.raises(ConfigError, match="needs a backbone"):
+        distill(build_method("dit"), None, 1, "/nonexistent", progress=False)
