@@ -198,10 +198,13 @@ def _tiny(**kw) -> DSAProtocol:
 def test_protocol_defaults_and_profiles():
     p = PROFILES["paper"]
     assert (p.epochs, p.lr, p.momentum, p.weight_decay, p.batch_size) == (1000, 0.01, 0.9, 5e-4, 256)
-    assert p.decay_epoch == 501 and p.eval_interval == 100 and p.student == "convnet3"
+    assert p.decay_epoch == 501 and p.eval_interval == 200 and p.student == "convnet3"
+    assert not p.autocast_bf16 and p.repeats == 5  # the reference: fp32, 5 students
+    assert DSAProtocol().eval_interval == 100  # default: about 10 evaluations
     assert p.dsa_strategy == "color_crop_cutout_flip_scale_rotate" and p.name == "dsa"
     assert p.lr_at(501) == 0.01 and p.lr_at(502) == pytest.approx(0.001)
-    assert "quick" in PROFILES
+    q = PROFILES["quick"]
+    assert (q.epochs, q.repeats, q.decay_epoch, q.autocast_bf16) == (300, 3, 151, True)
     with pytest.raises(ConfigError):
         DSAProtocol(lr=-1.0)
 

@@ -162,6 +162,7 @@ def train_student(train_images: torch.Tensor, train_labels: torch.Tensor,
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s_init)
             net = build_student(protocol.student, x.shape[1], num_classes, x.shape[2])
+        fwd: nn.Module = torch.compile(net) if protocol.compile else net
 
         def make_opt(lr: float) -> torch.optim.SGD:
             return torch.optim.SGD(net.parameters(), lr=lr, momentum=protocol.momentum,
@@ -185,7 +186,7 @@ def train_student(train_images: torch.Tensor, train_labels: torch.Tensor,
                 idx = perm[a:a + protocol.batch_size]
                 xb = augment(x[idx], g_aug)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    out = net(xb)
+                    out = fwd(xb)
                 loss = F.cross_entropy(out.float(), y[idx])
                 lv = float(loss.detach())
                 if not np.isfinite(lv):
@@ -201,7 +202,7 @@ def train_student(train_images: torch.Tensor, train_labels: torch.Tensor,
                 opt = make_opt(lr)  # reference re-creates SGD: momentum buffers reset
             if ep == protocol.epochs or (eval_every and ep > 0 and ep % eval_every == 0):
                 t0 = time.perf_counter()
-                acc = accuracy(net, test_x, test_y, protocol.test_batch_size, bf16)
+                acc = accuracy(fwd, test_x, test_y, protocol.test_batch_size, bf16)
                 eval_seconds += time.perf_counter() - t0
                 history.append((ep, acc))
                 bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{acc:.1f}")
