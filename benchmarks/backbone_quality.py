@@ -23,7 +23,8 @@ import torch
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="fashion-mnist")
-    ap.add_argument("--classifier-epochs", type=int, default=6)
+    ap.add_argument("--classifier-epochs", type=int, default=3)
+    ap.add_argument("--fp32", action="store_true", help="train the classifier without bf16 autocast")
     ap.add_argument("--classifier", default="runs/fmnist_convnet3_full.pt",
                     help="where the classifier is saved / reused from")
     ap.add_argument("--per-class", type=int, default=100)
@@ -32,6 +33,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--grid", default=None, help="sample grid PNG (default: next to --out)")
     ap.add_argument("--out", default="benchmarks/results/backbone_quality.json")
+    ap.add_argument("--classifier-only", action="store_true", help="stop after training the classifier")
     args = ap.parse_args()
 
     from gendd.backbone import SamplerConfig, sample
@@ -47,6 +49,8 @@ def main() -> None:
     test_xy = prepare_test(test)
     clf_path = Path(args.classifier)
     report: dict = {"backbone": args.backbone, "threads": torch.get_num_threads()}
+    if args.classifier_only and clf_path.exists():
+        return
     if clf_path.exists():
         state = torch.load(clf_path)
         net = build_student("convnet3", 1, 10, 28)
@@ -54,16 +58,19 @@ def main() -> None:
         report["classifier"] = state["report"]
     else:
         proto = get_profile("paper").with_overrides(epochs=args.classifier_epochs, repeats=1,
-                                                    eval_every=1)
+                                                    eval_every=1, autocast_bf16=not args.fp32)
         x = normalize(train.load(range(len(train))), train.mean, train.std)
         y = torch.as_tensor(train.labels)
         res = train_student(x, y, test_xy, proto, seed=0, progress=True, num_classes=10, return_model=True)
         net = res.pop("model")
         report["classifier"] = {"final_acc": res["final_acc"], "best_acc": res["best_acc"], "history": res["history"],
                                 "seconds": res["seconds"], "epochs": args.classifier_epochs,
-                                "passes": args.classifier_epochs + 1, "protocol": "dsa (paper values), full train split"}
+                                "passes": args.classifier_epochs + 1, "protocol": "dsa (paper values), full train split",
+                                "autocast_bf16": not args.fp32}
         clf_path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": net.state_dict(), "report": report["classifier"]}, clf_path)
+    if args.classifier_only:
+        return
     net.eval()
     report["classifier"]["test_acc_check"] = accuracy(net, *test_xy)
 

@@ -78,7 +78,7 @@ def run_distill(method_name: str, data: str, ipc: int, out: str | os.PathLike, *
     if method.needs_cache:
         from gendd.cache import LatentCache
 
-        cache = LatentCache.build(ds, bb, cache_dir, progress=progress)
+        cache = LatentCache.build(ds, bb, cache_dir, method.encode_spec(), progress=progress)
     return distill(method, ds, ipc, out, backbone=bb, cache=cache, progress=progress, overwrite=overwrite)
 
 

@@ -81,6 +81,12 @@ class Method:
             raise ConfigError(f"{self.name} expects a {self.config_class.__name__}")
         self.config = config
 
+    def encode_spec(self):
+        """How the latent cache this method reads is encoded (``gendd.cache.EncodeSpec``)."""
+        from gendd.cache import EncodeSpec
+
+        return EncodeSpec()
+
     def distill_class(self, ctx: ClassContext) -> ClassResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -97,8 +103,15 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 def _load_builtin() -> None:
-    # Importing the modules registers them; done on first lookup, not at package import.
-    from gendd.methods import dit, random  # noqa: F401
+    """Import every module of ``gendd.methods`` (importing registers them); on first lookup only."""
+    import importlib
+    import pkgutil
+
+    import gendd.methods as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name != "base" and not info.name.startswith("_"):
+            importlib.import_module(f"gendd.methods.{info.name}")
 
 
 def available_methods() -> list[str]:

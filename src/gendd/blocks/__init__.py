@@ -1,0 +1,1 @@
+"""Building blocks that methods compose: mode discovery (clustering), memories, group sampling."""
