@@ -116,15 +116,20 @@ def run_evaluate(folder: str | os.PathLike, *, data: str | None = None, data_roo
     test = get_dataset(data, "test", root=data_root)
     train = load_image_dir(folder, test.classes, test.channels, name=f"distilled:{folder.name}",
                            mean=test.mean, std=test.std)
-    tag = profile if not overrides else profile + "-" + "-".join(f"{k}{v}" for k, v in sorted(overrides.items()))
+    # Students are identified by their seed: the number of repeats is not part of the run's identity,
+    # so raising --repeats later trains only the new students.
+    shape = {k: v for k, v in (overrides or {}).items() if k != "repeats"}
+    tag = profile + "".join(f"-{k}{v}" for k, v in sorted(shape.items()))
     partial_path = folder / f"eval-{tag}.partial.json"
-    key = {"protocol": asdict(protocol), "train_fingerprint": train.fingerprint()}
+    key = {"protocol": {k: v for k, v in asdict(protocol).items() if k != "repeats"},
+           "train_fingerprint": train.fingerprint()}
     runs: list[dict] = []
     if partial_path.exists():
         saved = json.loads(partial_path.read_text())
         if saved.get("key") == json.loads(json.dumps(key)):
             runs = saved["runs"]
     t0 = time.time()
+    runs = [r for r in runs if r["seed"] < protocol.repeats]
     for seed in range(protocol.repeats):
         if any(r["seed"] == seed for r in runs):
             continue

@@ -1,0 +1,84 @@
+"""Pipeline stages on a DiT-XL/2-family backbone folder and an ImageNet-subset ImageFolder (all tiny)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gendd.backbone import Backbone, tiny_backbone
+from gendd.data.imagefolder import read_wnid_list
+from gendd.pipeline import parse_options, run_distill, run_evaluate
+
+
+@pytest.fixture(scope="module")
+def nette_root(tmp_path_factory):
+    """ImageNette's 10 WNID folders, 2 train + 2 val images each, 32 px RGB."""
+    root = tmp_path_factory.mktemp("nette")
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for k, wnid in enumerate(read_wnid_list("imagenette")):
+            (root / split / wnid).mkdir(parents=True)
+            for i in range(2):
+                arr = (rng.random((32, 32, 3)) * 60 + k * 19).astype(np.uint8)
+                Image.fromarray(arr).save(root / split / wnid / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def xl_family_folder(tmp_path_factory):
+    """A tiny model of DiT-XL/2's configuration family: 1000 classes, learned sigma, 8x VAE, saved as a
+    diffusers folder, with the VAE also saved alone (as sd-vae-ft-ema is distributed)."""
+    root = tmp_path_factory.mktemp("xl")
+    bb = tiny_backbone(num_classes=1000, image_size=32, channels=3, vae_channels=(32, 32, 32, 32), learned_sigma=True)
+    bb.save_pretrained(root / "dit")
+    bb.vae.save_pretrained(root / "vae")
+    return root
+
+
+def test_dit_on_xl_family_folder_with_separate_vae(nette_root, xl_family_folder, tmp_path):
+    m = run_distill("dit", "imagenette", 2, tmp_path / "o", data_root=nette_root,
+                    backbone=str(xl_family_folder / "dit"), vae=str(xl_family_folder / "vae"),
+                    options={"num_steps": 3, "cfg_channels": 3, "cfg_scale": 4.0}, progress=False)
+    assert m["complete"] and m["dataset"]["name"] == "imagenette"
+    assert m["backbone"]["hash"] == Backbone.from_pretrained(xl_family_folder / "dit").content_hash()
+    first = read_wnid_list("imagenette")[0]
+    img = Image.open(tmp_path / "o" / first / "0.png")
+    assert img.size == (32, 32) and img.mode == "RGB"
+
+
+def test_evaluate_resumes_per_student(nette_root, tmp_path, monkeypatch):
+    run_distill("random", "imagenette", 2, tmp_path / "r", data_root=nette_root, progress=False)
+    over = {"epochs": 2, "repeats": 2, "eval_every": 1}
+    s = run_evaluate(tmp_path / "r", data_root=nette_root, profile="quick", overrides=over, progress=False)
+    assert s["num_runs"] == 2 and s["test_size"] == 20 and s["train_size"] == 20
+    assert 0 <= s["final_mean"] <= 100 and s["test_split"] == "test"
+    saved = json.loads((tmp_path / "r" / "eval-quick-epochs2-eval_every1.json").read_text())
+    assert [r["seed"] for r in saved["runs"]] == [0, 1]
+    # a re-run with one more repeat trains only the new student
+    import gendd.evaluate as ev
+
+    calls = []
+    real = ev.evaluate_distilled
+
+    def counting(*a, **k):
+        calls.append(k.get("seeds"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(ev, "evaluate_distilled", counting)
+    s3 = run_evaluate(tmp_path / "r", data_root=nette_root, profile="quick", overrides={**over, "repeats": 3},
+                      progress=False)
+    assert calls == [[2]]  # seeds 0 and 1 were not retrained
+    assert s3["num_runs"] == 3
+    assert [r["final_acc"] for r in s3["runs"][:2]] == [r["final_acc"] for r in saved["runs"]]
+    # an interrupted call keeps its finished students: fewer repeats reuse the saved ones
+    calls.clear()
+    assert run_evaluate(tmp_path / "r", data_root=nette_root, profile="quick", overrides=over,
+                        progress=False)["num_runs"] == 2 and calls == []
+
+
+def test_parse_options():
+    assert parse_options(["cfg_scale=3", "sampler=ddim", "cfg-channels=null"]) == {
+        "cfg_scale": 3, "sampler": "ddim", "cfg_channels": None}
