@@ -184,6 +184,27 @@ def evaluate_cmd(
     typer.echo(f"{folder}: {format_row(s)}")
 
 
+@app.command("d3hr-regenerate")
+def d3hr_regenerate_cmd(
+    statistics: Path = typer.Argument(..., help="A d3hr output folder (or its latents/) holding mean/variance."),
+    out: Path = typer.Option(..., help="Output folder <class>/<i>.png."),
+    backbone: str = typer.Option("fashion-mnist", help="The backbone the statistics were made with."),
+    vae: Optional[str] = typer.Option(None, help="Separate AutoencoderKL folder/hub id."),
+    ipc: int = typer.Option(10, help="Images per class to generate."),
+    seed: int = typer.Option(0, help="Seed (per-class generators as in `distill`)."),
+    option: list[str] = typer.Option([], "--set", help="d3hr option key=value (repeatable)."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+) -> None:
+    """Regenerate a D3HR distilled set from its stored per-class statistics and the backbone alone."""
+    from gendd.methods.d3hr import D3HRConfig, regenerate_from_statistics
+    from gendd.pipeline import parse_options, resolve_backbone
+
+    cfg = D3HRConfig(**{"seed": seed, **parse_options(option)})
+    regenerate_from_statistics(statistics, resolve_backbone(backbone, vae), ipc, out, seed=seed, config=cfg,
+                               progress=not quiet)
+    typer.echo(f"regenerated {ipc} images per class -> {out}")
+
+
 @app.command("run")
 def run_cmd(
     out: Path = typer.Option(Path("runs/main"), help="Output folder."),
