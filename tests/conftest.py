@@ -40,3 +40,17 @@ def make_dataset(num_classes=4, per_class=6, size=12, channels=1, seed=0, name="
 @pytest.fixture
 def toy_dataset():
     return make_dataset()
+
+
+def method_cache(ds, bb, tmp_path, method):
+    """The latent cache a method reads (built with its own encode spec)."""
+    from gendd.cache import LatentCache
+
+    return LatentCache.build(ds, bb, tmp_path / "cache", method.encode_spec(), progress=False)
+
+
+def method_ctx(method, ds, bb, cache, c=0, ipc=2):
+    """The ClassContext `export.distill` would give ``method`` for class ``c``."""
+    from gendd.methods import ClassContext
+
+    return ClassContext.create(ds, c, ipc, method.config.seed, backbone=bb, cache=cache)

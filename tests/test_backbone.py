@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gendd.backbone import Backbone, Hook, SamplerConfig, ddim_invert, make_schedule, sample, tiny_backbone
+from gendd.backbone import Backbone, Hook, SamplerConfig, ddim_invert, make_schedule, sample
 from gendd.errors import ConfigError
 
 

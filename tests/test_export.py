@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from gendd.errors import ConfigError, DataError
 from gendd.export import distill, sha256_file
-from gendd.methods import ClassResult, build_method, get_method
-from gendd.methods.base import Method, MethodConfig
+from gendd.methods import build_method, get_method
+from gendd.methods.base import Method
 
 
 def _hashes(folder):

@@ -12,22 +12,16 @@ from conftest import make_dataset
 from gendd.backbone import tiny_backbone
 from gendd.backbone.sampling import SamplerConfig, sample
 from gendd.blocks.modes import discover_modes
-from gendd.cache import EncodeSpec, LatentCache
+from gendd.cache import EncodeSpec
 from gendd.errors import ConfigError, DataError
 from gendd.export import distill
-from gendd.methods import ClassContext, build_method, seed_for
+from gendd.methods import build_method
 from gendd.methods.mgd3 import MGD3Config, ModeGuidance
+from conftest import method_cache, method_ctx
 from test_backbone import AnalyticBackbone
 
 
-def _cache(ds, bb, tmp_path, method):
-    return LatentCache.build(ds, bb, tmp_path / "cache", method.encode_spec(), progress=False)
-
-
-def _ctx(method, ds, bb, cache, c=0, ipc=2):
-    return ClassContext(label=c, name=ds.classes[c], model_label=int(ds.model_labels[c]), ipc=ipc, dataset=ds,
-                        generator=torch.Generator().manual_seed(seed_for(method.config.seed, c)), backbone=bb,
-                        cache=cache)
+_cache, _ctx = method_cache, method_ctx
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])

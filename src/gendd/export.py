@@ -136,10 +136,9 @@ def distill(method: Method, dataset: ImageDataset, ipc: int, out: str | os.PathL
     for c in bar:
         name = dataset.classes[c]
         t0 = time.time()
+        ctx = ClassContext.create(dataset, c, ipc, method.config.seed, backbone=backbone, cache=cache,
+                                  progress=progress)
         seed = seed_for(method.config.seed, c)
-        ctx = ClassContext(label=c, name=name, model_label=int(dataset.model_labels[c]), ipc=ipc,
-                           dataset=dataset, generator=torch.Generator().manual_seed(seed), backbone=backbone,
-                           cache=cache, progress=progress)
         res = method.distill_class(ctx)
         images = res.images
         if images is None:

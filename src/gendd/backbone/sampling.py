@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Literal, Protocol, Sequence
+from typing import Literal, Protocol, Sequence
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 

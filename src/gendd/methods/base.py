@@ -39,6 +39,14 @@ class ClassContext:
     cache: Any = None  # gendd.cache.LatentCache or None
     progress: bool = False
 
+    @classmethod
+    def create(cls, dataset: ImageDataset, label: int, ipc: int, seed: int, *, backbone: Any = None,
+               cache: Any = None, progress: bool = False) -> "ClassContext":
+        """The context of class ``label``, with its generator seeded by :func:`seed_for` (``seed``, label)."""
+        return cls(label=label, name=dataset.classes[label], model_label=int(dataset.model_labels[label]), ipc=ipc,
+                   dataset=dataset, generator=torch.Generator().manual_seed(seed_for(seed, label)),
+                   backbone=backbone, cache=cache, progress=progress)
+
     def class_latents(self) -> torch.Tensor:
         """Cached latents of this class; raises if the method needs a cache that was not built."""
         if self.cache is None:
