@@ -82,3 +82,20 @@ def test_evaluate_resumes_per_student(nette_root, tmp_path, monkeypatch):
 def test_parse_options():
     assert parse_options(["cfg_scale=3", "sampler=ddim", "cfg-channels=null"]) == {
         "cfg_scale": 3, "sampler": "ddim", "cfg_channels": None}
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").exists(),
+                    reason="dataset-fashion-mnist not installed")
+def test_main_job_end_to_end_tiny_profile(tmp_path):
+    """The README's main job on the shipped backbone, with a 1-epoch profile and 100 test images; the
+    two evaluations run in two processes."""
+    from gendd.pipeline import main_job
+
+    over = {"epochs": 1, "repeats": 2, "test_limit": 100}
+    rows = main_job(tmp_path, methods=("random", "dit"), ipc=1, profile="quick", progress=False, workers=2,
+                    overrides=over)
+    assert [r["method"] for r in rows] == ["random", "dit"]
+    assert all(r["num_runs"] == 2 and r["test_size"] == 100 for r in rows)
+    table = (tmp_path / "results.md").read_text()
+    assert "| random | 1 |" in table and "| dit | 1 |" in table
+    assert len(list((tmp_path / "dit-ipc1").glob("*/0.png"))) == 10
