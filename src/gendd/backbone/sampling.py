@@ -210,29 +210,26 @@ def sample(backbone, noise: torch.Tensor, labels: torch.Tensor, config: SamplerC
     labels = torch.as_tensor(labels, dtype=torch.long)
     if labels.shape[0] != noise.shape[0]:
         raise ConfigError(f"{noise.shape[0]} latents but {labels.shape[0]} labels")
-    out = []
     bs = max(1, config.batch_size)
-    # Per-step noise is drawn for the whole request at once, so the result does not depend on the
-    # batch size (same seed -> same samples whatever batch_size is).
+    n = noise.shape[0]
+    x_all = noise.to(backbone.device, torch.float32).clone()
+    labels = labels.to(backbone.device)
     steps = range(start_step, len(schedule))
-    bar = tqdm(total=len(steps) * math.ceil(noise.shape[0] / bs), desc="sampling", disable=not progress,
-               leave=False)
-    step_noise = None
-    if schedule.kind == "ddpm":
-        step_noise = [torch.randn(noise.shape, generator=generator, dtype=torch.float32)
-                      if i < len(schedule) - 1 else None for i in steps]
-    for b0 in range(0, noise.shape[0], bs):
-        sl = slice(b0, b0 + bs)
-        x = noise[sl].to(backbone.device, torch.float32)
-        y = labels[sl].to(backbone.device)
-        index = torch.arange(noise.shape[0])[sl]
-        for k, i in enumerate(steps):
-            t = int(schedule.timesteps[i])
-            abar, abar_prev = float(schedule.abar[i]), float(schedule.abar_prev[i])
+    bar = tqdm(total=len(steps) * math.ceil(n / bs), desc="sampling", disable=not progress, leave=False)
+    for i in steps:
+        t = int(schedule.timesteps[i])
+        abar, abar_prev = float(schedule.abar[i]), float(schedule.abar_prev[i])
+        # DDPM noise of this step is drawn for the whole request at once, so the result does not
+        # depend on the batch size (same seed -> same samples whatever batch_size is).
+        z = (torch.randn(noise.shape, generator=generator, dtype=torch.float32)
+             if schedule.kind == "ddpm" and i < len(schedule) - 1 else None)
+        for b0 in range(0, n, bs):
+            sl = slice(b0, b0 + bs)
+            x, y = x_all[sl], labels[sl]
             tt = torch.full((x.shape[0],), t, dtype=torch.long, device=backbone.device)
             eps, v = backbone.predict(x, tt, y, config.cfg_scale, config.cfg_channels)
             state = StepState(step=i, t=t, x=x, labels=y, eps=eps, x0_hat=_x0(x, eps, abar),
-                              abar=abar, abar_prev=abar_prev, index=index)
+                              abar=abar, abar_prev=abar_prev, index=torch.arange(n)[sl])
             for h in hooks:
                 new = h.modify_eps(state)
                 if new is not None:
@@ -248,14 +245,14 @@ def sample(backbone, noise: torch.Tensor, labels: torch.Tensor, config: SamplerC
                 new = h.modify_mean(state)
                 if new is not None:
                     state.mean = new
-            x = state.mean
-            if step_noise is not None and step_noise[k] is not None:
-                x = x + state.sigma * step_noise[k][sl].to(x.device)
+            x_new = state.mean
+            if z is not None:
+                x_new = x_new + state.sigma * z[sl].to(x_new.device)
+            x_all[sl] = x_new
             bar.update(1)
-        check_finite(x, "sampled latents")
-        out.append(x.float().cpu())
     bar.close()
-    return torch.cat(out) if out else noise.new_zeros(noise.shape)
+    check_finite(x_all, "sampled latents")
+    return x_all.float().cpu()
 
 
 @torch.no_grad()
