@@ -79,6 +79,8 @@ def run_distill(method_name: str, data: str, ipc: int, out: str | os.PathLike, *
         from gendd.cache import LatentCache
 
         cache = LatentCache.build(ds, bb, cache_dir, method.encode_spec(), progress=progress)
+    if bb is not None:  # after the cache: fine-tuning changes the DiT, not the VAE the cache was made with
+        bb = method.prepare(ds, bb, cache_dir=cache_dir, progress=progress)
     return distill(method, ds, ipc, out, backbone=bb, cache=cache, progress=progress, overwrite=overwrite)
 
 

@@ -113,7 +113,11 @@ def build_models(cfg: BackboneTrainConfig, channels: int, num_classes: int):
 
 
 class _Stage:
-    """Checkpointed optimisation of one module (model + optional EMA + AdamW + RNG + step)."""
+    """Checkpointed optimisation of one module (model + optional EMA + AdamW + RNG + step).
+
+    ``save(extra)`` stores any further state (e.g. fine-tuning memories) in the same atomic
+    checkpoint; ``resume`` puts it back in ``self.extra``.
+    """
 
     def __init__(self, name: str, model, lr: float, out: Path, ema_decay: float | None, seed: int):
         self.name, self.model, self.out = name, model, out
@@ -122,6 +126,7 @@ class _Stage:
         self.ema_decay = ema_decay
         self.gen = torch.Generator().manual_seed(seed)
         self.step = 0
+        self.extra = None
         self.ckpt = out / "checkpoints" / f"{name}.pt"
         self.ckpt.parent.mkdir(parents=True, exist_ok=True)
 
@@ -136,12 +141,14 @@ class _Stage:
         self.gen.set_state(state["gen"])
         torch.set_rng_state(state["torch_rng"])
         self.step = state["step"]
+        self.extra = state.get("extra")
         return True
 
-    def save(self) -> None:
+    def save(self, extra=None) -> None:
         _atomic_save({"model": self.model.state_dict(), "opt": self.opt.state_dict(),
                       "ema": self.ema.state_dict() if self.ema is not None else None,
-                      "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(), "step": self.step},
+                      "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(), "step": self.step,
+                      "extra": extra},
                      self.ckpt)
 
     def update(self, loss: torch.Tensor) -> None:

@@ -95,6 +95,12 @@ class Method:
 
         return EncodeSpec()
 
+    def prepare(self, dataset: ImageDataset, backbone: Any, *, cache_dir: Any = None, work_dir: Any = None,
+                progress: bool = True) -> Any:
+        """Per-dataset work done once before the class loop (e.g. fine-tuning the backbone);
+        returns the backbone the classes are distilled with."""
+        return backbone
+
     def distill_class(self, ctx: ClassContext) -> ClassResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
