@@ -24,17 +24,31 @@ def main() -> None:
     ap.add_argument("--runs", default="runs/bench")
     ap.add_argument("--tag", default="")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--collect-only", action="store_true",
+                    help="run nothing: tabulate the students finished so far (from eval-*.partial.json)")
     args = ap.parse_args()
 
-    from gendd.pipeline import run_distill, run_evaluate
+    from gendd.pipeline import summarize_runs, run_distill, run_evaluate
 
     rows = []
     for m in args.methods:
         for ipc in args.ipc:
             folder = Path(args.runs) / f"{m}-ipc{ipc}"
-            man = run_distill(m, "fashion-mnist", ipc, folder, options={"seed": args.seed}, progress=args.progress)
-            over = {"repeats": args.repeats} if args.repeats else None
-            s = run_evaluate(folder, profile=args.profile, overrides=over, progress=args.progress)
+            if args.collect_only:
+                partial = folder / f"eval-{args.profile}.partial.json"
+                man_path = folder / "manifest.json"
+                if not partial.exists() or not man_path.exists():
+                    continue
+                man = json.loads(man_path.read_text())
+                saved = json.loads(partial.read_text())
+                if not saved["runs"]:
+                    continue
+                s = {**summarize_runs(saved["runs"]), "protocol": saved["key"]["protocol"]}
+            else:
+                man = run_distill(m, "fashion-mnist", ipc, folder, options={"seed": args.seed},
+                                  progress=args.progress)
+                over = {"repeats": args.repeats} if args.repeats else None
+                s = run_evaluate(folder, profile=args.profile, overrides=over, progress=args.progress)
             rows.append({"method": m, "ipc": ipc, "distill_seconds": man["seconds_total"],
                          **{k: s[k] for k in ("final_mean", "final_std", "best_mean", "best_std", "num_runs",
                                               "seconds_per_run")}, "epochs": s["protocol"]["epochs"]})

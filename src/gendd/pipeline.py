@@ -84,7 +84,8 @@ def run_distill(method_name: str, data: str, ipc: int, out: str | os.PathLike, *
     return distill(method, ds, ipc, out, backbone=bb, cache=cache, progress=progress, overwrite=overwrite)
 
 
-def _summarize(runs: list[dict]) -> dict[str, float]:
+def summarize_runs(runs: list[dict]) -> dict[str, float]:
+    """Mean ± population std (ddof 0, as the DC/DSA reference) of final and best accuracy over students."""
     final = np.array([r["final_acc"] for r in runs])
     best = np.array([r["best_acc"] for r in runs])
     return {"final_mean": float(final.mean()), "final_std": float(final.std()),
@@ -142,7 +143,7 @@ def run_evaluate(folder: str | os.PathLike, *, data: str | None = None, data_roo
         tmp = partial_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"key": key, "runs": runs}, default=str))
         os.replace(tmp, partial_path)
-    summary = {**_summarize(runs), "profile": profile, "protocol": asdict(protocol), "dataset": data,
+    summary = {**summarize_runs(runs), "profile": profile, "protocol": asdict(protocol), "dataset": data,
                "test_split": test.split, "test_size": len(test) if protocol.test_limit is None
                else protocol.test_limit, "train_size": len(train), "folder": str(folder),
                "method": manifest.get("method"), "ipc": manifest.get("ipc"), "runs": runs,
