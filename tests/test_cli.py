@@ -65,3 +65,12 @@ def test_corrupt_image_is_one_line_error(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and "1.png" in r.stderr
     # class a finished before b failed; b is not half-written
     assert not (tmp_path / "o" / "b").exists() and not list((tmp_path / "o").glob(".partial-*"))
+
+
+def test_unknown_option_is_one_line_error(tmp_path):
+    for args in (["distill", "dit", "--set", "guidance=3"], ["finetune", "--set", "bogus=1"]):
+        r = gendd(*args, "--out", str(tmp_path / "o"))
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "has no option(s)" in lines[0]
+    assert not (tmp_path / "o").exists()

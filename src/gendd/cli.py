@@ -184,6 +184,36 @@ def evaluate_cmd(
     typer.echo(f"{folder}: {format_row(s)}")
 
 
+@app.command("finetune")
+def finetune_cmd(
+    out: Path = typer.Option(..., help="Output folder (diffusers format; re-run to resume)."),
+    data: str = typer.Option("fashion-mnist", help="Dataset name."),
+    data_root: Optional[Path] = typer.Option(None, help="Dataset root (ImageFolder datasets)."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone to fine-tune (default: the dataset's shipped one)."),
+    vae: Optional[str] = typer.Option(None, help="Separate AutoencoderKL folder/hub id."),
+    eviction: str = typer.Option("max-similarity", help="Memory eviction: fifo (Minimax), max-similarity "
+                                 "(self-adaptive memory), min-similarity."),
+    option: list[str] = typer.Option([], "--set", help="FinetuneConfig option key=value (repeatable), e.g. "
+                                     "steps=12000, lambda_real=0.002, parameter_efficient=false."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Latent cache root."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+) -> None:
+    """Minimax-style fine-tuning of the DiT with representativeness/diversity memories (resumable)."""
+    from gendd.backbone.finetune import FinetuneConfig, finetune_dataset
+    from gendd.data import get_dataset
+    from gendd.pipeline import default_backbone_for, parse_options, resolve_backbone
+
+    spec = backbone or default_backbone_for(data)
+    if spec is None:
+        raise typer.BadParameter("--backbone is required for this dataset")
+    from gendd.config import make_config
+
+    cfg = make_config(FinetuneConfig, {"eviction": eviction, **parse_options(option)}, "finetune")
+    ds = get_dataset(data, "train", root=data_root)
+    finetune_dataset(ds, resolve_backbone(spec, vae), out, cfg, cache_dir=cache_dir, progress=not quiet)
+    typer.echo(f"fine-tuned backbone written to {out}")
+
+
 @app.command("d3hr-regenerate")
 def d3hr_regenerate_cmd(
     statistics: Path = typer.Argument(..., help="A d3hr output folder (or its latents/) holding mean/variance."),
@@ -199,7 +229,9 @@ def d3hr_regenerate_cmd(
     from gendd.methods.d3hr import D3HRConfig, regenerate_from_statistics
     from gendd.pipeline import parse_options, resolve_backbone
 
-    cfg = D3HRConfig(**{"seed": seed, **parse_options(option)})
+    from gendd.config import make_config
+
+    cfg = make_config(D3HRConfig, {"seed": seed, **parse_options(option)}, "d3hr")
     regenerate_from_statistics(statistics, resolve_backbone(backbone, vae), ipc, out, seed=seed, config=cfg,
                                progress=not quiet)
     typer.echo(f"regenerated {ipc} images per class -> {out}")

@@ -142,12 +142,10 @@ def get_method(name: str) -> type[Method]:
 
 def build_method(name: str, **options: Any) -> Method:
     """``build_method("dit", cfg_scale=3.0)``: unknown options raise ConfigError."""
+    from gendd.config import make_config
+
     cls = get_method(name)
-    known = {f.name for f in dataclasses.fields(cls.config_class)}
-    bad = sorted(set(options) - known)
-    if bad:
-        raise ConfigError(f"method {name!r} has no option(s) {', '.join(bad)}; options: {', '.join(sorted(known))}")
-    return cls(cls.config_class(**options))
+    return cls(make_config(cls.config_class, options, f"method {name!r}"))
 
 
 Factory = Callable[..., Method]
