@@ -93,24 +93,20 @@ class LatentCache:
         cache = cls(root, dataset.num_classes)
         todo = [c for c in range(dataset.num_classes) if not cache.class_file(c).exists()]
         gen = torch.Generator().manual_seed(spec.seed)
-        bar = tqdm(total=sum(len(dataset.class_indices(c)) for c in todo), desc="encoding",
+        views = [lambda x: x, lambda x: x.flip(-1)] if spec.flip else [lambda x: x]
+        bar = tqdm(total=len(views) * sum(len(dataset.class_indices(c)) for c in todo), desc="encoding",
                    disable=not progress or not todo)
         for c in todo:
             idx = dataset.class_indices(c)
             gen.manual_seed(spec.seed * 100_003 + c)  # per class: resuming gives the same latents
+            batches = [dataset.load(idx[b0:b0 + batch_size]) for b0 in range(0, len(idx), batch_size)]
             zs = []
-            for b0 in range(0, len(idx), batch_size):
-                x = to_float(dataset.load(idx[b0:b0 + batch_size]))
-                zs.append(backbone.encode(x, generator=gen, sample=spec.sample))
-                bar.update(len(x))
+            for view in views:  # all originals, then all flips: images are read from disk once
+                for images in batches:
+                    zs.append(backbone.encode(view(to_float(images)), generator=gen, sample=spec.sample))
+                    bar.update(len(images))
             z = torch.cat(zs)
-            ind = torch.as_tensor(idx, dtype=torch.long)
-            if spec.flip:
-                zf = []
-                for b0 in range(0, len(idx), batch_size):
-                    x = to_float(dataset.load(idx[b0:b0 + batch_size])).flip(-1)
-                    zf.append(backbone.encode(x, generator=gen, sample=spec.sample))
-                z, ind = torch.cat([z, torch.cat(zf)]), torch.cat([ind, ind])
+            ind = torch.as_tensor(idx, dtype=torch.long).repeat(len(views))
             _atomic_save_file({"latents": z.contiguous(), "indices": ind.contiguous()}, cache.class_file(c),
                               metadata={"class": dataset.classes[c]})
         bar.close()
