@@ -267,3 +267,20 @@ def test_dit_xl_family_backbone(tmp_path):
     assert set(moved) <= {207, 360, 1000} and {207, 360} <= set(moved)
     assert ft_bb.learned_sigma and ft_bb.predict(torch.zeros(1, *bb.latent_shape), torch.tensor([3]),
                                                  torch.tensor([207]), cfg_scale=4.0)[1] is not None
+
+
+def test_backbone_finetune_defaults_fill_unset_options(toy_dataset, tiny_bb, tmp_path):
+    """A folder's gendd_finetune.json survives save/load and fills the options the user left unset."""
+    tiny_bb.finetune_defaults = {"steps": 3, "batch_size": 4, "eviction": "fifo"}
+    tiny_bb.save_pretrained(tmp_path / "bb")
+    loaded = Backbone.from_pretrained(tmp_path / "bb")
+    assert loaded.finetune_defaults == tiny_bb.finetune_defaults
+    assert loaded.content_hash() == tiny_bb.content_hash()  # defaults are not part of the identity
+    m = build_method("memory", num_steps=2, finetune={"batch_size": 2})
+    ft = m.config.resolve_finetune(loaded)
+    # unset -> backbone value; set by the user -> kept; the method's eviction is never overridden
+    assert (ft.steps, ft.batch_size, ft.eviction) == (3, 2, "max-similarity")
+    m.prepare(toy_dataset, loaded, cache_dir=tmp_path / "cache", work_dir=tmp_path / "work", progress=False)
+    assert m.config.finetune.steps == 3  # what the manifest records is the resolved config
+    explicit = build_method("minimax", finetune=FinetuneConfig(steps=7))
+    assert explicit.config.resolve_finetune(loaded).steps == 7

@@ -198,7 +198,10 @@ def finetune_cmd(
     cache_dir: Optional[Path] = typer.Option(None, help="Latent cache root."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
-    """Minimax-style fine-tuning of the DiT with representativeness/diversity memories (resumable)."""
+    """Minimax-style fine-tuning of the DiT with representativeness/diversity memories (resumable).
+
+    Options not set with --set take the backbone folder's gendd_finetune.json values if it has one
+    (the shipped Fashion-MNIST backbone: 12000 steps, latent means), else the DiT-XL/2 reference defaults."""
     from gendd.backbone.finetune import FinetuneConfig, finetune_dataset
     from gendd.data import get_dataset
     from gendd.pipeline import default_backbone_for, parse_options, resolve_backbone
@@ -208,9 +211,11 @@ def finetune_cmd(
         raise typer.BadParameter("--backbone is required for this dataset")
     from gendd.config import make_config
 
-    cfg = make_config(FinetuneConfig, {"eviction": eviction, **parse_options(option)}, "finetune")
+    bb = resolve_backbone(spec, vae)
+    defaults = {k: v for k, v in bb.finetune_defaults.items() if k != "eviction"}  # the folder's gendd_finetune.json
+    cfg = make_config(FinetuneConfig, {"eviction": eviction, **defaults, **parse_options(option)}, "finetune")
     ds = get_dataset(data, "train", root=data_root)
-    finetune_dataset(ds, resolve_backbone(spec, vae), out, cfg, cache_dir=cache_dir, progress=not quiet)
+    finetune_dataset(ds, bb, out, cfg, cache_dir=cache_dir, progress=not quiet)
     typer.echo(f"fine-tuned backbone written to {out}")
 
 

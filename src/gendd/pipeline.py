@@ -94,11 +94,15 @@ def summarize_runs(runs: list[dict]) -> dict[str, float]:
 
 
 def run_evaluate(folder: str | os.PathLike, *, data: str | None = None, data_root=None, profile: str = "quick",
-                 overrides: dict | None = None, progress: bool = True) -> dict:
+                 overrides: dict | None = None, progress: bool = True, compile: bool | None = None) -> dict:
     """Evaluate a distilled folder under a named protocol profile; resumable per student.
 
     Each finished student is appended to ``<folder>/eval-<profile>.partial.json``; a re-run trains
     only the missing seeds. The summary goes to ``<folder>/eval-<profile>.json``.
+
+    ``compile`` (None = the profile's) runs the students through ``torch.compile``: a speed knob, not
+    part of the protocol, so it is left out of the run's identity (results with and without it are
+    pooled; they differ only by floating-point rounding).
     """
     from gendd.data import get_dataset
     from gendd.data.imagefolder import load_image_dir
@@ -116,6 +120,8 @@ def run_evaluate(folder: str | os.PathLike, *, data: str | None = None, data_roo
     protocol = get_profile(profile)
     if overrides:
         protocol = protocol.with_overrides(**overrides)
+    if compile is not None:
+        protocol = protocol.with_overrides(compile=compile)
     test = get_dataset(data, "test", root=data_root)
     train = load_image_dir(folder, test.classes, test.channels, name=f"distilled:{folder.name}",
                            mean=test.mean, std=test.std)
@@ -124,12 +130,16 @@ def run_evaluate(folder: str | os.PathLike, *, data: str | None = None, data_roo
     shape = {k: v for k, v in (overrides or {}).items() if k != "repeats"}
     tag = profile + "".join(f"-{k}{v}" for k, v in sorted(shape.items()))
     partial_path = folder / f"eval-{tag}.partial.json"
-    key = {"protocol": {k: v for k, v in asdict(protocol).items() if k != "repeats"},
+    key = {"protocol": {k: v for k, v in asdict(protocol).items()
+                        if k not in ("repeats", "compile", "num_threads")},
            "train_fingerprint": train.fingerprint()}
     runs: list[dict] = []
     if partial_path.exists():
         saved = json.loads(partial_path.read_text())
-        if saved.get("key") == json.loads(json.dumps(key)):
+        old = saved.get("key", {})
+        if isinstance(old.get("protocol"), dict):  # files written before compile/num_threads left the key
+            old["protocol"] = {k: v for k, v in old["protocol"].items() if k not in ("compile", "num_threads")}
+        if old == json.loads(json.dumps(key)):
             runs = saved["runs"]
     t0 = time.time()
     runs = [r for r in runs if r["seed"] < protocol.repeats]

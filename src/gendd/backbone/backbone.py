@@ -23,6 +23,9 @@ import torch
 from gendd.errors import ConfigError
 
 BACKBONE_META = "gendd_backbone.json"
+#: Optional file of a backbone folder: :class:`gendd.backbone.finetune.FinetuneConfig` options that suit
+#: this backbone (e.g. a step count for a small DiT); applied where the user sets nothing else.
+FINETUNE_DEFAULTS = "gendd_finetune.json"
 
 
 @dataclass
@@ -75,6 +78,8 @@ class Backbone(torch.nn.Module):
         self.meta = meta or BackboneMeta(
             image_size=int(transformer.config.sample_size) * self.vae_downsample_factor,
             channels=int(vae.config.in_channels))
+        #: fine-tuning defaults carried by the folder (:data:`FINETUNE_DEFAULTS`); not part of the hash
+        self.finetune_defaults: dict[str, Any] = {}
         sched = self.make_scheduler("ddpm")
         self.register_buffer("alphas_cumprod", sched.alphas_cumprod.to(torch.float64), persistent=False)
 
@@ -215,6 +220,8 @@ class Backbone(torch.nn.Module):
             index["id2label"] = {str(i): n for i, n in enumerate(self.meta.class_names)}
         (path / "model_index.json").write_text(json.dumps(index, indent=2))
         (path / BACKBONE_META).write_text(json.dumps(asdict(self.meta), indent=2))
+        if self.finetune_defaults:
+            (path / FINETUNE_DEFAULTS).write_text(json.dumps(self.finetune_defaults, indent=2))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, vae: str | os.PathLike | None = None,
@@ -254,6 +261,8 @@ class Backbone(torch.nn.Module):
         bb = cls(vae_model.eval(), transformer.eval(), sched_cfg, meta)
         for k, v in meta_overrides.items():
             setattr(bb.meta, k, v)
+        if root.exists() and (root / FINETUNE_DEFAULTS).exists():
+            bb.finetune_defaults = dict(json.loads((root / FINETUNE_DEFAULTS).read_text()))
         bb.source_path = str(path)
         return bb
 

@@ -39,7 +39,12 @@ from gendd.methods.mgd3 import MGD3, MGD3Config
 class _FinetuneOptions:
     """Attributes: finetuned_backbone (a finished ``gendd`` fine-tune folder, or a diffusers DiT folder,
     to sample with; None = fine-tune first), finetune (:class:`FinetuneConfig` options as a dict,
-    merged onto the method's defaults, e.g. ``{"steps": 1500, "batch_size": 32}``)."""
+    merged onto the method's defaults, e.g. ``{"steps": 1500, "batch_size": 32}``).
+
+    Options not given in the dict take the backbone folder's ``gendd_finetune.json`` values when it has
+    one (the shipped Fashion-MNIST backbone does: a step count that fits a small DiT), else the
+    :class:`FinetuneConfig` defaults (the reference's DiT-XL/2 values). A :class:`FinetuneConfig`
+    object is used as given. The resolved options are what the manifest records."""
 
     finetuned_backbone: str | None = None
     finetune: Any = None
@@ -53,7 +58,18 @@ class _FinetuneOptions:
         if not isinstance(self.finetune, FinetuneConfig):
             if self.finetune is not None and not isinstance(self.finetune, dict):
                 raise ConfigError("finetune must be a dict of fine-tuning options, e.g. finetune='{\"steps\": 500}'")
+            given = set(self.finetune or {})
             self.finetune = FinetuneConfig.from_options(self.finetune, eviction=self.default_eviction)
+        else:
+            given = {f.name for f in dataclasses.fields(FinetuneConfig)}
+        object.__setattr__(self, "_finetune_given", given)  # not a field: stays out of the manifest
+
+    def resolve_finetune(self, backbone: Any) -> FinetuneConfig:
+        """``finetune`` with the backbone's fine-tuning defaults filled in where the user set nothing."""
+        given = getattr(self, "_finetune_given", set())
+        extra = {k: v for k, v in getattr(backbone, "finetune_defaults", {}).items()
+                 if k not in given and k != "eviction"}
+        return dataclasses.replace(self.finetune, **extra) if extra else self.finetune
 
 
 @dataclass
@@ -106,6 +122,7 @@ class _FromFinetuned:
         if cfg.finetuned_backbone is not None:
             result = load_finetuned(cfg.finetuned_backbone)
         else:
+            cfg.finetune = cfg.resolve_finetune(backbone)
             root = Path(work_dir) if work_dir is not None else default_finetune_dir()
             out = root / finetune_key(dataset, backbone, cfg.finetune)
             result = finetune_dataset(dataset, backbone, out, cfg.finetune, cache_dir=cache_dir, progress=progress)
