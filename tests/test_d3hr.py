@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_dataset
+from conftest import make_dataset, method_cache, method_ctx
 from scipy.stats import skew as scipy_skew
 from test_backbone import AnalyticBackbone
 
@@ -261,3 +261,23 @@ def test_dit_xl_family_backbone(tmp_path):
     from safetensors.torch import load_file
     t = load_file(str(tmp_path / "o" / "latents" / "c1.safetensors"))
     assert int(t["model_label"]) == 980 and t["group"].shape == (3, *bb.latent_shape)
+
+
+def test_class_statistics_are_stored_and_reused(toy_dataset, tiny_bb, tmp_path, monkeypatch):
+    """The inversion runs once per class and settings; a second run (other IPC) reads the stored statistics."""
+    import gendd.methods.d3hr as d3hr_mod
+
+    m = build_method("d3hr", num_steps=4, inversion_steps=2, num_candidates=8, cfg_scale=1.0)
+    cache = method_cache(toy_dataset, tiny_bb, tmp_path, m)
+    calls = []
+    real = d3hr_mod.ddim_invert
+    monkeypatch.setattr(d3hr_mod, "ddim_invert", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = m.distill_class(method_ctx(m, toy_dataset, tiny_bb, cache, c=1, ipc=2))
+    again = build_method("d3hr", num_steps=4, inversion_steps=2, num_candidates=8, cfg_scale=1.0)
+    second = again.distill_class(method_ctx(again, toy_dataset, tiny_bb, cache, c=1, ipc=3))
+    assert len(calls) == 1
+    assert torch.equal(first.tensors["mean"], second.tensors["mean"])
+    assert torch.equal(first.tensors["variance"], second.tensors["variance"])
+    other = build_method("d3hr", num_steps=4, inversion_steps=3, num_candidates=8, cfg_scale=1.0)
+    other.distill_class(method_ctx(other, toy_dataset, tiny_bb, cache, c=1, ipc=2))
+    assert len(calls) == 2  # other inversion settings: computed anew
