@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Set up gendd on a fresh Debian machine: the Fashion-MNIST package, a venv, CPU torch first, then gendd.
+# Set up gendd on a fresh Debian machine: the Fashion-MNIST package, chromium, a venv, CPU torch first, then gendd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-if [ ! -d /usr/share/datasets/fashion-mnist ]; then
-  $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
-    { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null; }
+# Debian packages: the dataset, and chromium (headless; the HTML report test renders `gendd report` pages).
+APT=""
+[ -d /usr/share/datasets/fashion-mnist ] || APT="$APT dataset-fashion-mnist"
+command -v chromium >/dev/null 2>&1 || APT="$APT chromium"
+if [ -n "$APT" ]; then
+  $SUDO apt-get install -y -q $APT >/dev/null 2>&1 || \
+    { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q $APT >/dev/null; }
 fi
 [ -d .venv ] || python3 -m venv .venv
 . .venv/bin/activate

@@ -93,20 +93,12 @@ def summarize_runs(runs: list[dict]) -> dict[str, float]:
             "seconds_per_run": float(np.mean([r["seconds"] for r in runs]))}
 
 
-def run_evaluate(folder: str | os.PathLike, *, data: str | None = None, data_root=None, profile: str = "quick",
-                 overrides: dict | None = None, progress: bool = True, compile: bool | None = None) -> dict:
-    """Evaluate a distilled folder under a named protocol profile; resumable per student.
-
-    Each finished student is appended to ``<folder>/eval-<profile>.partial.json``; a re-run trains
-    only the missing seeds. The summary goes to ``<folder>/eval-<profile>.json``.
-
-    ``compile`` (None = the profile's) runs the students through ``torch.compile``: a speed knob, not
-    part of the protocol, so it is left out of the run's identity (results with and without it are
-    pooled; they differ only by floating-point rounding).
-    """
+def _evaluation_setup(folder, data, data_root, profile, overrides, compile):
+    """What :func:`run_evaluate` and :func:`evaluation_done_seeds` share: the protocol, both datasets,
+    the result tag, the partial file and the key its saved students must match."""
     from gendd.data import get_dataset
     from gendd.data.imagefolder import load_image_dir
-    from gendd.evaluate import evaluate_distilled, get_profile
+    from gendd.evaluate import get_profile
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -128,38 +120,106 @@ def run_evaluate(folder: str | os.PathLike, *, data: str | None = None, data_roo
     # Students are identified by their seed: the number of repeats is not part of the run's identity,
     # so raising --repeats later trains only the new students.
     shape = {k: v for k, v in (overrides or {}).items() if k != "repeats"}
+    if shape.get("teacher") is not None:  # a checkpoint path: file names carry a short hash of it
+        import hashlib
+
+        shape["teacher"] = hashlib.sha256(str(Path(shape["teacher"]).resolve()).encode()).hexdigest()[:8]
     tag = profile + "".join(f"-{k}{v}" for k, v in sorted(shape.items()))
-    partial_path = folder / f"eval-{tag}.partial.json"
     key = {"protocol": {k: v for k, v in asdict(protocol).items()
                         if k not in ("repeats", "compile", "num_threads")},
            "train_fingerprint": train.fingerprint()}
-    runs: list[dict] = []
-    if partial_path.exists():
-        saved = json.loads(partial_path.read_text())
-        old = saved.get("key", {})
-        if isinstance(old.get("protocol"), dict):  # files written before compile/num_threads left the key
-            old["protocol"] = {k: v for k, v in old["protocol"].items() if k not in ("compile", "num_threads")}
-        if old == json.loads(json.dumps(key)):
-            runs = saved["runs"]
+    return folder, manifest, data, protocol, test, train, tag, folder / f"eval-{tag}.partial.json", key
+
+
+def _saved_runs(partial_path: Path, key: dict) -> list[dict]:
+    """The students saved in ``partial_path`` if its key matches ``key`` (else none)."""
+    if not partial_path.exists():
+        return []
+    saved = json.loads(partial_path.read_text())
+    old = saved.get("key", {})
+    if isinstance(old.get("protocol"), dict):  # files written before compile/num_threads left the key
+        old["protocol"] = {k: v for k, v in old["protocol"].items() if k not in ("compile", "num_threads")}
+    return saved["runs"] if old == json.loads(json.dumps(key)) else []
+
+
+class _FileLock:
+    """An exclusive ``flock`` on ``<path>.lock`` (a no-op where fcntl is missing): processes that
+    evaluate different seeds of one folder merge their students into one partial file safely."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path.with_name(path.name + ".lock")
+
+    def __enter__(self) -> "_FileLock":
+        self.fh = open(self.path, "a")
+        try:
+            import fcntl
+
+            fcntl.flock(self.fh, fcntl.LOCK_EX)
+        except ImportError:  # pragma: no cover - not POSIX
+            pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.fh.close()  # closing releases the lock
+
+
+def evaluation_done_seeds(folder: str | os.PathLike, *, data: str | None = None, data_root=None,
+                          profile: str = "quick", overrides: dict | None = None) -> set[int]:
+    """Student seeds already saved for this folder and protocol (what :func:`run_evaluate` would skip)."""
+    *_, partial_path, key = _evaluation_setup(folder, data, data_root, profile, overrides, None)
+    return {int(r["seed"]) for r in _saved_runs(partial_path, key)}
+
+
+def run_evaluate(folder: str | os.PathLike, *, data: str | None = None, data_root=None, profile: str = "quick",
+                 overrides: dict | None = None, progress: bool = True, compile: bool | None = None,
+                 seeds=None) -> dict:
+    """Evaluate a distilled folder under a named protocol profile; resumable per student.
+
+    Each finished student is added to ``<folder>/eval-<tag>.partial.json`` (under a file lock, so
+    processes evaluating different ``seeds`` of one folder can run at once); a re-run trains only the
+    missing seeds. The summary of the students with seed < repeats goes to ``<folder>/eval-<tag>.json``.
+
+    ``seeds`` (default ``range(repeats)``) restricts which missing students this call trains (each
+    must be < repeats; ``[]`` trains none and only summarises).
+    ``compile`` (None = the profile's) runs the students through ``torch.compile``: a speed knob, not
+    part of the protocol, so it is left out of the run's identity (results with and without it are
+    pooled; they differ only by floating-point rounding).
+    """
+    from gendd.evaluate import evaluate_distilled
+
+    folder, manifest, data, protocol, test, train, tag, partial_path, key = _evaluation_setup(
+        folder, data, data_root, profile, overrides, compile)
+    todo = list(range(protocol.repeats)) if seeds is None else sorted({int(s) for s in seeds})
+    bad = [s for s in todo if not 0 <= s < protocol.repeats]
+    if bad:
+        raise ConfigError(f"student seeds {bad} are outside 0..{protocol.repeats - 1} (repeats)")
+    runs = _saved_runs(partial_path, key)
     t0 = time.time()
-    runs = [r for r in runs if r["seed"] < protocol.repeats]
-    for seed in range(protocol.repeats):
+    for seed in todo:
         if any(r["seed"] == seed for r in runs):
             continue
         res = evaluate_distilled(train, test, protocol, seeds=[seed], progress=progress)
         run = {k: v for k, v in res["runs"][0].items() if k != "model"}
         run["seed"] = seed
-        runs.append(run)
-        tmp = partial_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "runs": runs}, default=str))
-        os.replace(tmp, partial_path)
+        with _FileLock(partial_path):  # merge with students other processes saved meanwhile
+            runs = [r for r in _saved_runs(partial_path, key) if r["seed"] != seed] + [run]
+            runs.sort(key=lambda r: r["seed"])
+            tmp = partial_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"key": key, "runs": runs}, default=str))
+            os.replace(tmp, partial_path)
+    runs = [r for r in runs if r["seed"] < protocol.repeats]
+    if not runs:
+        raise DataError(f"no student of {folder} under protocol {tag!r} has been trained yet")
     summary = {**summarize_runs(runs), "profile": profile, "protocol": asdict(protocol), "dataset": data,
                "test_split": test.split, "test_size": len(test) if protocol.test_limit is None
                else protocol.test_limit, "train_size": len(train), "folder": str(folder),
                "method": manifest.get("method"), "ipc": manifest.get("ipc"), "runs": runs,
                "seconds_this_call": round(time.time() - t0, 2)}
-    out = folder / f"eval-{tag}.json"
-    out.write_text(json.dumps(summary, indent=2, default=str))
+    with _FileLock(partial_path):
+        out = folder / f"eval-{tag}.json"
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2, default=str))
+        os.replace(tmp, out)
     return summary
 
 

@@ -1,8 +1,18 @@
 """Evaluate distilled sets: students, DSA augmentation, protocols and the training loop."""
 
 from gendd.evaluate.augment import AUGMENT_GROUPS, DEFAULT_STRATEGY, DSAParams, DSAugment
-from gendd.evaluate.protocols import PROFILES, DSAProtocol, get_profile
-from gendd.evaluate.students import STUDENTS, ConvNet, build_student, register_student
+from gendd.evaluate.protocols import (
+    PROFILES,
+    DSAProtocol,
+    IDCHardProtocol,
+    Protocol,
+    SoftLabelProtocol,
+    get_profile,
+    ipc_epochs,
+    soft_batch_size,
+)
+from gendd.evaluate.students import STUDENTS, ConvNet, ResNet, build_student, register_student
+from gendd.evaluate.teacher import Teacher, TeacherConfig, load_teacher, train_teacher
 from gendd.evaluate.train import (
     accuracy,
     evaluate_distilled,
@@ -14,8 +24,10 @@ from gendd.evaluate.train import (
 
 __all__ = [
     "AUGMENT_GROUPS", "DEFAULT_STRATEGY", "DSAParams", "DSAugment",
-    "PROFILES", "DSAProtocol", "get_profile",
-    "STUDENTS", "ConvNet", "build_student", "register_student",
+    "PROFILES", "DSAProtocol", "IDCHardProtocol", "Protocol", "SoftLabelProtocol", "get_profile",
+    "ipc_epochs", "soft_batch_size",
+    "STUDENTS", "ConvNet", "ResNet", "build_student", "register_student",
+    "Teacher", "TeacherConfig", "load_teacher", "train_teacher",
     "accuracy", "evaluate_distilled", "format_result", "normalize", "prepare_test",
     "train_student",
 ]

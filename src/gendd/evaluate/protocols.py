@@ -13,11 +13,17 @@ Loop semantics copied from ``evaluate_synset`` (see :func:`gendd.evaluate.train.
 
 The published figure is the accuracy after the final pass (``final``); we also record the best
 accuracy over periodic test evaluations (``best``, optimistic: it selects on the test set).
+
+The ImageNet-style protocols of generative DD follow below: :class:`IDCHardProtocol` (IDC /
+Minimax hard labels, methods.md 7.1) and :class:`SoftLabelProtocol` (RDED soft labels, 7.2, and
+D3HR's variant, 5.3); their loops are in :mod:`gendd.evaluate.train_protocols`. ``PROFILES`` names
+all of them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import math
+from dataclasses import dataclass, fields, replace
 
 from gendd.errors import ConfigError
 from gendd.evaluate.augment import DEFAULT_STRATEGY
@@ -116,10 +122,349 @@ PROFILES: dict[str, DSAProtocol] = {
 }
 
 
-def get_profile(name: str) -> DSAProtocol:
+def get_profile(name: str) -> "DSAProtocol | IDCHardProtocol | SoftLabelProtocol":
     """The protocol registered as ``name`` in :data:`PROFILES`."""
     try:
         return PROFILES[name]
     except KeyError:
         raise ConfigError(f"unknown evaluation profile {name!r}; choose one of "
                           f"{sorted(PROFILES)}") from None
+
+
+# ------------------------------------------------------------------ ImageNet-style protocols
+
+#: Training side of the ImageNet-style protocols on datasets of at least this many pixels.
+IMAGENET_SIZE = 224
+
+
+def _check(checks: list[tuple[bool, str]], name: str) -> None:
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(f"invalid evaluation protocol {name!r}: {msg}")
+
+
+def _common_checks(p: "IDCHardProtocol | SoftLabelProtocol") -> list[tuple[bool, str]]:
+    return [
+        (p.epochs is None or p.epochs >= 1, "epochs must be >= 1 (or None for the IPC rule)"),
+        (p.batch_size is None or p.batch_size >= 1, "batch_size must be >= 1 or None"),
+        (p.repeats >= 1, "repeats must be >= 1"),
+        (p.test_batch_size >= 1, "test_batch_size must be >= 1"),
+        (p.eval_every is None or p.eval_every >= 0, "eval_every must be >= 0 or None"),
+        (p.image_size is None or p.image_size >= 8, "image_size must be >= 8 or None"),
+        (p.num_threads is None or p.num_threads >= 1, "num_threads must be >= 1"),
+        (p.test_limit is None or p.test_limit >= 1, "test_limit must be >= 1"),
+        (len(p.rrc_scale) == 2 and 0 < p.rrc_scale[0] <= p.rrc_scale[1] <= 1,
+         "rrc_scale must be (lo, hi) with 0 < lo <= hi <= 1"),
+        (p.cutmix_beta > 0, "cutmix_beta must be > 0"),
+    ]
+
+
+def train_image_size(protocol: "IDCHardProtocol | SoftLabelProtocol", test_side: int) -> int:
+    """Side the student trains and tests at: ``protocol.image_size``, else 224 px for datasets of
+    >= 224 px (the references' ``--size 224`` / ``input_size 224``), else the dataset's own side
+    (Fashion-MNIST 28, CIFAR 32: the references evaluate small datasets at their resolution)."""
+    if protocol.image_size is not None:
+        return protocol.image_size
+    return IMAGENET_SIZE if test_side >= IMAGENET_SIZE else test_side
+
+
+def ipc_epochs(ipc: int, num_classes: int) -> int:
+    """IDC's ``ipc_epoch`` (``argument.py``; Minimax's copy): IPC 1 -> 3000, <= 10 -> 2000,
+    <= 50 -> 1500, <= 200 -> 1000, <= 500 -> 500, else 300; with 100 classes ``2/3`` of that,
+    rounded down to a multiple of 100 (IPC 10 -> 1300)."""
+    if ipc <= 1:
+        epochs = 3000
+    elif ipc <= 10:
+        epochs = 2000
+    elif ipc <= 50:
+        epochs = 1500
+    elif ipc <= 200:
+        epochs = 1000
+    elif ipc <= 500:
+        epochs = 500
+    else:
+        epochs = 300
+    if num_classes == 100:
+        epochs = int(2 / 3 * epochs)
+        epochs -= epochs % 100
+    return epochs
+
+
+@dataclass(frozen=True)
+class IDCHardProtocol:
+    """IDC / Minimax hard-label protocol for ImageNet subsets (methods.md 7.1; reference
+    ``snu-mllab/Efficient-Dataset-Condensation`` ``train.py``, ``argument.py``, ``data.py``, as
+    copied by ``vimar-gu/MinimaxDiffusion``). Used by Minimax, MGD3 and the self-adaptive memory.
+
+    Per epoch ``e`` (0-based) of ``E``: shuffled batches (last one kept) of
+    ``RandomResizedCrop(size, scale (0.5, 1)) + flip + ColorJitter(0.4, 0.4, 0.4) + Lighting(0.1)``
+    on images first ``Resize(size) + CenterCrop(size)``-ed; with probability ``mix_p`` CutMix
+    (``Beta(1, 1)``) and the loss ``ratio CE(y) + (1 - ratio) CE(y[perm])``, else CE; SGD
+    (momentum 0.9, weight decay 5e-4, lr 0.01) with ``MultiStepLR`` milestones ``[2E // 3,
+    5E // 6]``, gamma 0.2: ``lr_e = lr * 0.2 ** #{m <= e}``. Test: ``Resize(size) +
+    CenterCrop(size)``, every ``E // 100`` epochs; papers report the best test accuracy over
+    training, mean ± std over 3 runs.
+
+    Attributes:
+        name: protocol family, ``"idc-hard"``.
+        student: registered student (reference: ``resnet_ap10``; also ``convnet6``, ``resnet18``).
+        epochs: ``None`` = :func:`ipc_epochs` of the distilled set's IPC (largest class) and the
+            number of classes.
+        lr, weight_decay, batch_size: ``None`` = the reference's values, 0.01 / 5e-4 / 64, or for
+            more than 100 classes 0.1 / 1e-4 / 128 (Minimax's ``nclass > 100`` branch).
+        momentum: SGD momentum.
+        milestones, gamma: MultiStep decay by ``gamma`` after epochs ``num * E // den`` for each
+            ``(num, den)`` pair: ``2E // 3`` and ``5E // 6`` by default.
+        augment: ``"imagenet"`` (above) or ``"dsa"``: IDC's branch for 28/32 px datasets
+            (``argument.py``: ``dsa=True``, ``mix_p 0.5``, DSA without cutout, 1000 epochs) with
+            ``dsa_strategy`` applied to normalised images instead of crop/jitter/lighting.
+        rrc_scale, jitter, lighting: the ImageNet augmentation strengths. On one-channel images
+            (Fashion-MNIST) brightness and contrast jitter apply, saturation (the identity on grey
+            images) and PCA lighting (RGB eigenvectors) are skipped
+            (:mod:`gendd.evaluate.imagenet_aug`).
+        cutmix_beta, mix_p: CutMix ``Beta(beta, beta)`` and the probability of mixing a batch.
+        image_size: training/test side; ``None`` = :func:`train_image_size`.
+        eval_every: epochs between test evaluations; ``None`` = ``max(1, E // 100)`` (reference
+            ``epoch_print_freq``), ``0`` = the last epoch only. The last epoch is always evaluated.
+        repeats, test_batch_size, autocast_bf16, compile, num_threads, test_limit: as
+            :class:`DSAProtocol`.
+    """
+
+    name: str = "idc-hard"
+    student: str = "resnet_ap10"
+    epochs: int | None = None
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float | None = None
+    batch_size: int | None = None
+    milestones: tuple[tuple[int, int], ...] = ((2, 3), (5, 6))
+    gamma: float = 0.2
+    augment: str = "imagenet"
+    dsa_strategy: str = "color_crop_flip_scale_rotate"
+    rrc_scale: tuple[float, float] = (0.5, 1.0)
+    jitter: float = 0.4
+    lighting: float = 0.1
+    cutmix_beta: float = 1.0
+    mix_p: float = 1.0
+    image_size: int | None = None
+    eval_every: int | None = None
+    repeats: int = 3
+    test_batch_size: int = 100
+    autocast_bf16: bool = False
+    compile: bool = False
+    num_threads: int | None = None
+    test_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "milestones", tuple(tuple(m) for m in self.milestones))
+        object.__setattr__(self, "rrc_scale", tuple(self.rrc_scale))
+        _check(_common_checks(self) + [
+            (self.lr is None or self.lr > 0, "lr must be > 0"),
+            (self.weight_decay is None or self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.momentum >= 0, "momentum must be >= 0"),
+            (all(len(m) == 2 and m[1] > 0 and m[0] >= 0 for m in self.milestones),
+             "milestones must be (numerator, denominator) pairs"),
+            (0 < self.gamma <= 1, "gamma must be in (0, 1]"),
+            (self.augment in ("imagenet", "dsa"), "augment must be 'imagenet' or 'dsa'"),
+            (0 <= self.mix_p <= 1, "mix_p must be in [0, 1]"),
+            (self.jitter >= 0 and self.lighting >= 0, "jitter and lighting must be >= 0"),
+        ], self.name)
+
+    def resolved_epochs(self, ipc: int, num_classes: int) -> int:
+        """``epochs``, or IDC's IPC rule."""
+        return ipc_epochs(ipc, num_classes) if self.epochs is None else self.epochs
+
+    def resolved_optim(self, num_classes: int) -> tuple[float, float, int]:
+        """``(lr, weight_decay, batch_size)`` with the reference's class-count rule for ``None``."""
+        big = num_classes > 100
+        lr = self.lr if self.lr is not None else (0.1 if big else 0.01)
+        wd = self.weight_decay if self.weight_decay is not None else (1e-4 if big else 5e-4)
+        bs = self.batch_size if self.batch_size is not None else (128 if big else 64)
+        return lr, wd, bs
+
+    def milestone_epochs(self, epochs: int) -> list[int]:
+        """``[num * E // den]`` (reference ``[2 * E // 3, 5 * E // 6]``)."""
+        return [num * epochs // den for num, den in self.milestones]
+
+    def lr_at(self, ep: int, epochs: int, lr: float) -> float:
+        """lr of 0-based epoch ``ep``: ``lr * gamma ** #{milestones <= ep}`` (MultiStepLR stepped
+        once after every epoch)."""
+        return lr * self.gamma ** sum(1 for m in self.milestone_epochs(epochs) if m <= ep)
+
+    def evaluates(self, ep: int, epochs: int) -> bool:
+        """Whether the student is tested after 0-based epoch ``ep`` (reference: 1-based epoch
+        ``% epoch_print_freq == 0``; the last epoch always)."""
+        every = max(1, epochs // 100) if self.eval_every is None else self.eval_every
+        return ep == epochs - 1 or (every > 0 and (ep + 1) % every == 0)
+
+    def with_overrides(self, **kwargs: object) -> "IDCHardProtocol":
+        """A copy with some fields replaced (validated again)."""
+        return _replace(self, kwargs)
+
+
+#: Soft-label batch rules, ``ipc -> batch`` then a class-count factor, capped at ``ipc * classes``.
+SOFT_BATCH_RULES = ("rded", "d3hr")
+
+
+def soft_batch_size(rule: str, ipc: int, num_classes: int) -> int:
+    """Batch size of the soft-label protocols for a distilled set of ``ipc`` images per class.
+
+    ``rded`` (RDED ``argument.py``): IPC 50 -> 100, 10 -> 50, 1 -> 10 (the reference defines only
+    these three; gendd reads them as >= 50, >= 10, else), x2 for 100 or 1000 classes. ``d3hr``
+    (D3HR ``validation/argument.py``): >= 50 -> 100, >= 10 -> 50, else 15, x2 for 100 classes only.
+    Both are capped at ``ipc * num_classes``."""
+    if rule == "rded":
+        bs = 100 if ipc >= 50 else 50 if ipc >= 10 else 10
+        if num_classes in (100, 1000):
+            bs *= 2
+    elif rule == "d3hr":
+        bs = 100 if ipc >= 50 else 50 if ipc >= 10 else 15
+        if num_classes == 100:
+            bs *= 2
+    else:
+        raise ConfigError(f"unknown soft-label batch rule {rule!r}; choose one of {SOFT_BATCH_RULES}")
+    return max(1, min(bs, ipc * num_classes))
+
+
+@dataclass(frozen=True)
+class SoftLabelProtocol:
+    """RDED-style soft-label protocol (methods.md 7.2; ``LINs-lab/RDED`` ``validation/main.py``,
+    ``validation/utils.py``, ``argument.py``) and D3HR's variant of it (methods.md 5.3;
+    ``lin-zhao-resoLve/D3HR`` ``validation/validate.py``, ``argument.py``, ``utils/data_utils.py``).
+
+    Each step: augmented batch ``x`` -> CutMix (``Beta(1, 1)``, always) -> teacher (eval mode,
+    frozen) soft labels ``p = softmax(t(x_mix) / T)`` computed online, loss
+    ``KL(p || softmax(s(x_mix) / T))`` with ``batchmean`` reduction and no ``T^2`` factor, T = 20.
+    AdamW (lr 1e-3, betas (0.9, 0.999), weight decay 0.01 on weight matrices / conv kernels only,
+    none on biases and norm parameters: reference ``get_parameters``); lr factor per epoch
+    ``0.5 (1 + cos(pi e / (2E)))`` (``"half-cosine"``: ends at about half the lr) or
+    ``0.5 (1 + cos(pi e / E))`` (``"cosine"``, SRe2L/FKD). Like the references, a no-grad forward of
+    the (mixed) batch through the training-mode student precedes the loss forward (their accuracy
+    pass); it changes nothing but BatchNorm running statistics, so it is only run for BN students
+    (``extra_bn_pass``).
+
+    ``rded-soft``: ShufflePatches(2) + RandomResizedCrop(size, scale (1/2, 1)) + flip; test every
+    10 epochs in the last 20 % of training (``e % 10 == 9`` and ``e > 0.8 E``, plus the last).
+    ``d3hr-soft``: no ShufflePatches, scale (0.08, 1), test every epoch ``e > 290`` of 300
+    (``eval_after = 290 / 300``), D3HR's batch rule, 5 repeats. Both test at
+    ``Resize(size // 7 * 8) + CenterCrop(size)`` (256 -> 224) and report the best accuracy.
+
+    Attributes:
+        teacher: path of a teacher checkpoint (``teacher.pt`` of ``gendd teacher train``, its
+            folder, or a torchvision-format ResNet-18 state_dict); required to run.
+        student: registered student (reference: ResNet-18 = ``resnet18_bn``).
+        epochs: 300 (ImageNet-1K / Tiny in both references; D3HR uses 400 for CIFAR).
+        lr, betas, weight_decay: AdamW.
+        schedule: ``"half-cosine"`` (RDED, D3HR) or ``"cosine"``.
+        temperature: T of the KL loss.
+        batch_size: ``None`` = :func:`soft_batch_size` with ``batch_rule``.
+        rrc_scale, shuffle_factor: crop scale range and ShufflePatches factor (1 = off).
+        cutmix_beta: CutMix ``Beta(beta, beta)``.
+        eval_every, eval_after: test after 0-based epoch ``e`` when ``(e + 1) % eval_every == 0``
+            and ``e > eval_after * E`` (``eval_every`` 0: never); the last epoch always.
+        extra_bn_pass: the references' extra training-mode forward (BN statistics only).
+        image_size, repeats, test_batch_size, autocast_bf16, compile, num_threads, test_limit: as
+            :class:`IDCHardProtocol`.
+    """
+
+    name: str = "rded-soft"
+    student: str = "resnet18_bn"
+    teacher: str | None = None
+    epochs: int = 300
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    schedule: str = "half-cosine"
+    temperature: float = 20.0
+    batch_size: int | None = None
+    batch_rule: str = "rded"
+    rrc_scale: tuple[float, float] = (0.5, 1.0)
+    shuffle_factor: int = 2
+    cutmix_beta: float = 1.0
+    eval_every: int | None = 10
+    eval_after: float = 0.8
+    extra_bn_pass: bool = True
+    image_size: int | None = None
+    repeats: int = 3
+    test_batch_size: int = 100
+    autocast_bf16: bool = False
+    compile: bool = False
+    num_threads: int | None = None
+    test_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(self.betas))
+        object.__setattr__(self, "rrc_scale", tuple(self.rrc_scale))
+        if self.teacher is not None:
+            object.__setattr__(self, "teacher", str(self.teacher))
+        _check(_common_checks(self) + [
+            (self.lr > 0, "lr must be > 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+             "betas must be two numbers in [0, 1)"),
+            (self.schedule in ("half-cosine", "cosine"), "schedule must be 'half-cosine' or 'cosine'"),
+            (self.temperature > 0, "temperature must be > 0"),
+            (self.batch_rule in SOFT_BATCH_RULES, f"batch_rule must be one of {SOFT_BATCH_RULES}"),
+            (self.shuffle_factor >= 1, "shuffle_factor must be >= 1"),
+            (0 <= self.eval_after < 1, "eval_after must be in [0, 1)"),
+        ], self.name)
+
+    def resolved_epochs(self, ipc: int, num_classes: int) -> int:
+        return self.epochs
+
+    def resolved_batch_size(self, ipc: int, num_classes: int) -> int:
+        return (soft_batch_size(self.batch_rule, ipc, num_classes) if self.batch_size is None
+                else self.batch_size)
+
+    def lr_factor(self, ep: int, epochs: int) -> float:
+        """LambdaLR factor of 0-based epoch ``ep`` (0 past the end, as the reference)."""
+        if ep > epochs:
+            return 0.0
+        div = 2.0 if self.schedule == "half-cosine" else 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * ep / epochs / div))
+
+    def lr_at(self, ep: int, epochs: int) -> float:
+        return self.lr * self.lr_factor(ep, epochs)
+
+    def evaluates(self, ep: int, epochs: int) -> bool:
+        """Whether the student is tested after 0-based epoch ``ep``."""
+        if ep == epochs - 1:
+            return True
+        every = 1 if self.eval_every is None else self.eval_every
+        return every > 0 and (ep + 1) % every == 0 and ep > self.eval_after * epochs
+
+    def with_overrides(self, **kwargs: object) -> "SoftLabelProtocol":
+        """A copy with some fields replaced (validated again)."""
+        return _replace(self, kwargs)
+
+
+def _replace(protocol, kwargs: dict):
+    names = {f.name for f in fields(protocol)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise ConfigError(f"protocol {protocol.name!r} has no option(s) {unknown}; "
+                          f"known: {sorted(names)}")
+    return replace(protocol, **kwargs)
+
+
+#: Any evaluation protocol.
+Protocol = DSAProtocol | IDCHardProtocol | SoftLabelProtocol
+
+#: The ImageNet-style profiles. ``idc-hard``: methods.md 7.1 defaults (ResNet-AP-10, IPC-dependent
+#: epochs, 3 repeats). ``idc-hard-small``: IDC's own branch for 28/32 px datasets (``argument.py``:
+#: DSA ``color_crop_flip_scale_rotate`` instead of the ImageNet augmentation, CutMix with p 0.5,
+#: 1000 epochs, tested at the end; ConvNet-3). ``idc-hard-quick``: gendd's CPU-sized variant, NOT
+#: a published protocol (ConvNet-3, 300 epochs, tests every 100). ``rded-soft`` / ``d3hr-soft``:
+#: methods.md 7.2 / 5.3 (set ``teacher``). ``rded-soft-quick``: CPU-sized, not published
+#: (ConvNet-3 student, 60 epochs).
+PROFILES.update({
+    "idc-hard": IDCHardProtocol(),
+    "idc-hard-small": IDCHardProtocol(student="convnet3", augment="dsa", epochs=1000, mix_p=0.5,
+                                      eval_every=0),
+    "idc-hard-quick": IDCHardProtocol(student="convnet3", epochs=300, eval_every=100),
+    "rded-soft": SoftLabelProtocol(),
+    "d3hr-soft": SoftLabelProtocol(name="d3hr-soft", rrc_scale=(0.08, 1.0), shuffle_factor=1,
+                                   eval_every=1, eval_after=290 / 300, batch_rule="d3hr",
+                                   repeats=5),
+    "rded-soft-quick": SoftLabelProtocol(name="rded-soft", student="convnet3", epochs=60),
+})

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from gendd.data.base import ImageDataset
 from gendd.errors import DataError, NumericalError
 from gendd.evaluate.augment import DSAugment
-from gendd.evaluate.protocols import DSAProtocol
+from gendd.evaluate.protocols import DSAProtocol, Protocol
 from gendd.evaluate.students import build_student
 
 TestData = tuple[torch.Tensor, torch.Tensor]
@@ -245,9 +245,14 @@ def _train_arrays(train_ds: ImageDataset, test_ds: ImageDataset) -> tuple[torch.
     return images, torch.from_numpy(np.ascontiguousarray(labels))
 
 
-def evaluate_distilled(train_ds: ImageDataset, test_ds: ImageDataset, protocol: DSAProtocol,
+def evaluate_distilled(train_ds: ImageDataset, test_ds: ImageDataset, protocol: Protocol,
                        seeds: Sequence[int] | None = None, progress: bool = True) -> dict:
     """Train ``protocol.repeats`` students (seeds ``0..repeats-1`` unless given) on ``train_ds``.
+
+    Dispatches on the protocol type: a :class:`DSAProtocol` runs :func:`train_student` (below);
+    an ``IDCHardProtocol`` or ``SoftLabelProtocol`` runs
+    :func:`gendd.evaluate.train_protocols.evaluate_protocol` (same return format, plus
+    ``image_size``, ``test_transform`` and ``teacher``).
 
     Returns a dict with ``runs`` (per-student results of :func:`train_student`), ``final_mean``,
     ``final_std``, ``best_mean``, ``best_std`` (percent; population std, ddof=0, as the reference's
@@ -255,6 +260,10 @@ def evaluate_distilled(train_ds: ImageDataset, test_ds: ImageDataset, protocol: 
     ``test_split``, ``test_size``, ``train_size``, ``train_class_counts``, ``torch_version``
     and ``num_threads``.
     """
+    if not isinstance(protocol, DSAProtocol):
+        from gendd.evaluate.train_protocols import evaluate_protocol
+
+        return evaluate_protocol(train_ds, test_ds, protocol, seeds=seeds, progress=progress)
     seeds = list(range(protocol.repeats)) if seeds is None else list(seeds)
     if not seeds:
         raise DataError("evaluate_distilled needs at least one seed")

@@ -1,0 +1,676 @@
+"""``gendd bench``: a benchmark grid (methods x IPC x students x protocols x repeats) from one TOML file.
+
+Layout of a bench folder::
+
+    <out>/config.json                      # the validated config, its hash and the git revision
+    <out>/sets/<method>-ipc<ipc>/          # one distilled set per (method, IPC) (gendd.export layout),
+                                           #   with eval-<tag>.partial.json / eval-<tag>.json per protocol
+    <out>/metrics/<method>-ipc<ipc>.json   # set_metrics in the VAE latent space (``metrics = true``)
+    <out>/metrics/<method>-ipc<ipc>.safetensors, real-latents.safetensors   # flattened latents (report)
+    <out>/real/<class>/<i>.png             # a few real training images per class (report)
+    <out>/results.{md,csv,json}
+
+Cells and resume: a set is distilled once (sequentially, in this process: methods may share the
+latent cache and fine-tuned backbones, which are not written for concurrent use) and skipped when its
+manifest is complete for the same method, options and IPC. An evaluation cell is one student
+(set, protocol, student, seed); its result is merged into the set's partial file by
+:func:`gendd.pipeline.run_evaluate` as soon as it finishes, so a killed bench loses at most the cells
+in flight and a re-run trains only missing students. Evaluation cells run in ``workers`` processes
+(spawn context), each with ``threads`` torch threads.
+
+TOML schema (every key optional unless marked)::
+
+    name = "fmnist-small"        # used for the default output folder runs/bench/<name>
+    out = "runs/bench/x"         # output folder (CLI --out wins)
+    data = "fashion-mnist"       # dataset name; data_root for ImageFolder datasets
+    data_root = "/data/x"
+    backbone = "fashion-mnist"   # default: the dataset's shipped backbone; vae = separate VAE
+    cache_dir = "..."            # latent cache root (default $GENDD_CACHE or ~/.cache/gendd/latents)
+    methods = ["random", "dit"]  # REQUIRED: method labels (a registered method, or a [method.<label>] table)
+    ipc = [1, 10]                # REQUIRED: int or list
+    students = ["convnet3"]      # registered student names
+    protocols = ["quick"]        # profile names, or names defined in [protocol.<name>]
+    repeats = 3                  # students per cell (default: each protocol's own)
+    seed = 0                     # distillation seed (a method table may set its own)
+    workers = 1                  # evaluation processes
+    threads = 1                  # torch threads per evaluation process
+    metrics = false              # set metrics in the VAE latent space (needs a backbone)
+    metrics_real_per_class = 1000   # real latents per class for the metrics (seeded subsample)
+    metrics_k = 5                # k of precision/recall/density/coverage
+    tsne_real_per_class = 300    # real latents per class kept for the report's t-SNE
+    real_images_per_class = 10   # real images per class kept for the report
+    baseline = "random"          # method label of the random-subset baseline (IOR, LRS, ARS)
+    real_accuracy = {convnet3 = 93.0}   # full-data accuracy per student (%): enables LRS (hard labels)
+    ars_protocols = ["quick", "quick-noaug"]   # [with augmentation, without]: enables ARS
+    score_weight = 0.5           # DD-Ranking's lrs_lambda / ars_lambda
+
+    [method.dit]                 # options of a method label (`gendd methods` lists them)
+    cfg_scale = 3.0
+    [method.dit-ddim]            # a variant: label dit-ddim runs method dit
+    method = "dit"
+    sampler = "ddim"
+
+    [protocol.quick]             # overrides of the profile's protocol fields
+    epochs = 300
+    [protocol.quick-noaug]       # a new protocol: base profile + overrides
+    profile = "quick"
+    dsa_strategy = "none"
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import re
+import subprocess
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gendd.errors import ConfigError, DataError, GenddError
+from gendd.pipeline import evaluation_done_seeds, run_distill, run_evaluate
+
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+#: Config fields that change how fast a bench runs, not what it computes: outside the config hash.
+EXECUTION_FIELDS = ("out", "workers", "threads")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method label of the grid: the registered ``method`` and its options."""
+
+    label: str
+    method: str
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ProtocolSpec:
+    """One protocol of the grid: a registered ``profile`` with field ``overrides``."""
+
+    name: str
+    profile: str
+    overrides: dict[str, Any]
+
+
+def _as_list(value: Any, typ: type, key: str) -> list:
+    items = value if isinstance(value, list) else [value]
+    for v in items:
+        if not isinstance(v, typ) or isinstance(v, bool) and typ is not bool:
+            raise ConfigError(f"bench config: {key} must be a {typ.__name__} or a list of them, got {v!r}")
+    return list(items)
+
+
+@dataclass
+class BenchConfig:
+    """A benchmark grid; see the module docstring for the TOML schema. Validated on construction."""
+
+    methods: list[str]
+    ipc: list[int]
+    students: list[str] = field(default_factory=lambda: ["convnet3"])
+    protocols: list[str] = field(default_factory=lambda: ["quick"])
+    repeats: int | None = None
+    name: str = "bench"
+    out: str | None = None
+    data: str = "fashion-mnist"
+    data_root: str | None = None
+    backbone: str | None = None
+    vae: str | None = None
+    cache_dir: str | None = None
+    seed: int = 0
+    method: dict[str, dict[str, Any]] = field(default_factory=dict)
+    protocol: dict[str, dict[str, Any]] = field(default_factory=dict)
+    workers: int = 1
+    threads: int = 1
+    metrics: bool = False
+    metrics_real_per_class: int = 1000
+    metrics_k: int = 5
+    tsne_real_per_class: int = 300
+    real_images_per_class: int = 10
+    baseline: str = "random"
+    real_accuracy: dict[str, float] = field(default_factory=dict)
+    ars_protocols: list[str] = field(default_factory=list)
+    score_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BenchConfig":
+        known = [f.name for f in dataclasses.fields(cls)]
+        bad = sorted(set(d) - set(known))
+        if bad:
+            raise ConfigError(f"bench config has unknown key(s) {', '.join(bad)}; known: {', '.join(known)}")
+        for req in ("methods", "ipc"):
+            if req not in d:
+                raise ConfigError(f"bench config needs {req!r} (e.g. methods = [\"random\", \"dit\"], ipc = [1, 10])")
+        d = dict(d)
+        d["methods"] = _as_list(d["methods"], str, "methods")
+        d["ipc"] = _as_list(d["ipc"], int, "ipc")
+        for key in ("students", "protocols", "ars_protocols"):
+            if key in d:
+                d[key] = _as_list(d[key], str, key)
+        return cls(**d)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike) -> "BenchConfig":
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except OSError as err:
+            raise ConfigError(f"cannot read bench config {path}: {err}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"bench config {path} is not valid TOML: {err}") from None
+        raw.setdefault("name", path.stem)
+        return cls.from_dict(raw)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        from gendd.data import DATASET_NAMES
+        from gendd.evaluate import PROFILES, STUDENTS
+        from gendd.methods import build_method, get_method
+        from gendd.pipeline import default_backbone_for
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"bench config: {msg}")
+
+        need(bool(self.methods), "methods is empty")
+        need(len(set(self.methods)) == len(self.methods), f"methods has duplicates: {self.methods}")
+        need(bool(self.ipc) and all(isinstance(i, int) and i >= 1 for i in self.ipc),
+             f"ipc must be positive integers, got {self.ipc}")
+        need(len(set(self.ipc)) == len(self.ipc), f"ipc has duplicates: {self.ipc}")
+        need(self.data in DATASET_NAMES, f"unknown dataset {self.data!r}; known: {', '.join(DATASET_NAMES)}")
+        for label in self.methods:
+            need(bool(_LABEL.match(label)), f"method label {label!r} must be letters, digits, _ . + -")
+        for key, table in (("method", self.method), ("protocol", self.protocol)):
+            need(isinstance(table, dict) and all(isinstance(v, dict) for v in table.values()),
+                 f"[{key}.<name>] entries must be tables")
+        for spec in self.method_specs():
+            try:
+                get_method(spec.method)
+                build_method(spec.method, **{"seed": self.seed, **spec.options})
+            except GenddError as err:
+                raise ConfigError(f"bench config: method {spec.label!r}: {err}") from None
+        need(bool(self.students), "students is empty")
+        for s in self.students:
+            need(s in STUDENTS, f"unknown student {s!r}; choose one of {sorted(STUDENTS)}")
+        need(bool(self.protocols), "protocols is empty")
+        need(len(set(self.protocols)) == len(self.protocols), f"protocols has duplicates: {self.protocols}")
+        for name in self.protocols:
+            need(bool(_LABEL.match(name)), f"protocol name {name!r} must be letters, digits, _ . + -")
+            table = self.protocol.get(name, {})
+            need(name in PROFILES or "profile" in table,
+                 f"unknown protocol {name!r}: not a profile ({', '.join(sorted(PROFILES))}) and no "
+                 f"[protocol.{name}] table with profile = \"...\"")
+        for spec in self.protocol_specs():
+            need(spec.profile in PROFILES,
+                 f"protocol {spec.name!r}: unknown profile {spec.profile!r}; choose one of {sorted(PROFILES)}")
+            fields_ = {f.name for f in dataclasses.fields(PROFILES[spec.profile])} - {"name", "student"}
+            bad = sorted(set(spec.overrides) - fields_)
+            need(not bad, f"protocol {spec.name!r}: unknown field(s) {', '.join(bad)}; fields: "
+                 f"{', '.join(sorted(fields_))} (students are the `students` axis)")
+            try:
+                PROFILES[spec.profile].with_overrides(**spec.overrides)
+            except GenddError as err:
+                raise ConfigError(f"bench config: protocol {spec.name!r}: {err}") from None
+        need(self.repeats is None or (isinstance(self.repeats, int) and self.repeats >= 1),
+             f"repeats must be >= 1, got {self.repeats}")
+        need(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        need(isinstance(self.workers, int) and self.workers >= 1, f"workers must be >= 1, got {self.workers}")
+        need(isinstance(self.threads, int) and self.threads >= 1, f"threads must be >= 1, got {self.threads}")
+        for key in ("metrics_real_per_class", "tsne_real_per_class", "real_images_per_class"):
+            need(isinstance(getattr(self, key), int) and getattr(self, key) >= 2, f"{key} must be >= 2")
+        need(isinstance(self.metrics_k, int) and self.metrics_k >= 1, "metrics_k must be >= 1")
+        need(0.0 <= self.score_weight <= 1.0, f"score_weight must be in [0, 1], got {self.score_weight}")
+        need(isinstance(self.metrics, bool), f"metrics must be true or false, got {self.metrics!r}")
+        need(isinstance(self.real_accuracy, dict) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.real_accuracy.values()),
+            f"real_accuracy must map student names to accuracies in %, got {self.real_accuracy!r}")
+        bad = sorted(set(self.real_accuracy) - set(self.students))
+        need(not bad, f"real_accuracy names students not in the grid: {bad}")
+        need(not self.ars_protocols or (len(self.ars_protocols) == 2 and set(self.ars_protocols) <= set(self.protocols)),
+             f"ars_protocols must be two protocols of the grid [with_aug, without_aug], got {self.ars_protocols}")
+        need(not self.metrics or self.backbone is not None or default_backbone_for(self.data) is not None,
+             f"metrics = true needs a backbone (VAE) for dataset {self.data!r}: set backbone = \"...\"")
+
+    # ------------------------------------------------------------------ derived
+    def method_specs(self) -> list[MethodSpec]:
+        out = []
+        for label in self.methods:
+            opts = dict(self.method.get(label, {}))
+            name = opts.pop("method", label)
+            out.append(MethodSpec(label, str(name), opts))
+        return out
+
+    def protocol_specs(self) -> list[ProtocolSpec]:
+        out = []
+        for name in self.protocols:
+            opts = dict(self.protocol.get(name, {}))
+            out.append(ProtocolSpec(name, str(opts.pop("profile", name)), opts))
+        return out
+
+    def canonical(self) -> dict[str, Any]:
+        """The config as JSON-able data without the execution knobs (:data:`EXECUTION_FIELDS`)."""
+        d = dataclasses.asdict(self)
+        return json.loads(json.dumps({k: v for k, v in d.items() if k not in EXECUTION_FIELDS}, sort_keys=True))
+
+    def config_hash(self) -> str:
+        """First 12 hex digits of the sha256 of :meth:`canonical` as sorted, compact JSON."""
+        text = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def backbone_spec(self) -> str | None:
+        from gendd.pipeline import default_backbone_for
+
+        return self.backbone or default_backbone_for(self.data)
+
+
+@dataclass(frozen=True)
+class EvalCell:
+    """One student: set ``label``-ipc``ipc`` under ``protocol`` with ``student`` and ``seed``."""
+
+    label: str
+    ipc: int
+    protocol: str
+    student: str
+    seed: int
+
+    @property
+    def set_name(self) -> str:
+        return f"{self.label}-ipc{self.ipc}"
+
+
+def git_revision(path: str | os.PathLike | None = None) -> str:
+    """``git rev-parse --short HEAD`` of the folder holding gendd's sources (or ``path``), else ``"unknown"``."""
+    try:
+        res = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=path or Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    rev = res.stdout.strip()
+    return rev if res.returncode == 0 and rev else "unknown"
+
+
+def set_folder(out: Path, label: str, ipc: int) -> Path:
+    return Path(out) / "sets" / f"{label}-ipc{ipc}"
+
+
+def eval_overrides(cfg: BenchConfig, proto: ProtocolSpec, student: str) -> dict[str, Any]:
+    """The ``overrides`` of :func:`run_evaluate` for one (protocol, student): the protocol's overrides
+    and the student, minus values equal to the profile's own (so results are shared with a plain
+    ``gendd evaluate`` of the same protocol), plus the number of repeats."""
+    from gendd.evaluate import PROFILES
+
+    base = dataclasses.asdict(PROFILES[proto.profile])
+    over = {**proto.overrides, "student": student}
+    repeats = over.pop("repeats", None) or cfg.repeats or base["repeats"]
+    over = {k: v for k, v in over.items() if base.get(k) != v}
+    return {**over, "repeats": repeats}
+
+
+def _distill_done(folder: Path, spec: MethodSpec, ipc: int, cfg: BenchConfig) -> bool:
+    """True when ``folder`` holds a complete set of the same method, options, IPC and dataset."""
+    from gendd.methods import build_method
+
+    mpath = folder / "manifest.json"
+    if not mpath.exists():
+        return False
+    m = json.loads(mpath.read_text())
+    want = dataclasses.asdict(build_method(spec.method, **{"seed": cfg.seed, **spec.options}).config)
+    return bool(m.get("complete")) and m.get("method") == spec.method and m.get("ipc") == ipc \
+        and m.get("config") == json.loads(json.dumps(want, default=str)) \
+        and m.get("dataset", {}).get("name") == cfg.data
+
+
+def _eval_cell_worker(job: dict) -> dict:
+    """Process-pool entry: train one student (one evaluation cell) with ``threads`` torch threads."""
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    t0 = time.time()
+    run_evaluate(job["folder"], data=job["data"], data_root=job["data_root"], profile=job["profile"],
+                 overrides=job["overrides"], seeds=[job["seed"]], progress=False)
+    return {"cell": job["cell"], "seconds": time.time() - t0}
+
+
+def _log(progress: bool, msg: str) -> None:
+    if progress:
+        print(msg, flush=True)
+
+
+def run_bench(cfg: BenchConfig, out: str | os.PathLike | None = None, *, workers: int | None = None,
+              progress: bool = True) -> list[dict]:
+    """Run (or resume) the grid of ``cfg`` into ``out`` and write ``results.{md,csv,json}``; return the rows."""
+    out = Path(out or cfg.out or Path("runs/bench") / cfg.name)
+    workers = workers or cfg.workers
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
+    out.mkdir(parents=True, exist_ok=True)
+    rev, chash = git_revision(), cfg.config_hash()
+    _write_json(out / "config.json", {"config": cfg.canonical(), "config_hash": chash, "git_rev": rev,
+                                      "execution": {"workers": workers, "threads": cfg.threads}})
+    specs, protos = cfg.method_specs(), cfg.protocol_specs()
+    data_root = str(cfg.data_root) if cfg.data_root else None
+
+    # 1. distillation cells, in this process
+    t_distill: dict[str, float] = {}
+    for spec in specs:
+        for ipc in cfg.ipc:
+            folder = set_folder(out, spec.label, ipc)
+            if _distill_done(folder, spec, ipc, cfg):
+                _log(progress, f"distil {folder.name}: done")
+            else:
+                _log(progress, f"distil {folder.name} ...")
+                run_distill(spec.method, cfg.data, ipc, folder, data_root=data_root, backbone=cfg.backbone,
+                            vae=cfg.vae, options={"seed": cfg.seed, **spec.options}, cache_dir=cfg.cache_dir,
+                            progress=progress)
+            manifest = json.loads((folder / "manifest.json").read_text())
+            t_distill[folder.name] = float(manifest.get("seconds_total", float("nan")))
+
+    # 2. real images for the report, and set metrics in the VAE latent space
+    save_real_images(cfg, out)
+    set_metric = compute_bench_metrics(cfg, out, progress=progress) if cfg.metrics else {}
+
+    # 3. evaluation cells
+    groups = [(spec, ipc, proto, student) for spec in specs for ipc in cfg.ipc for proto in protos
+              for student in cfg.students]
+    jobs = []
+    for spec, ipc, proto, student in groups:
+        folder = set_folder(out, spec.label, ipc)
+        over = eval_overrides(cfg, proto, student)
+        done = evaluation_done_seeds(folder, data=cfg.data, data_root=data_root, profile=proto.profile,
+                                     overrides=over)
+        for seed in range(over["repeats"]):
+            if seed not in done:
+                cell = EvalCell(spec.label, ipc, proto.name, student, seed)
+                jobs.append({"cell": cell, "folder": str(folder), "data": cfg.data, "data_root": data_root,
+                             "profile": proto.profile, "overrides": over, "seed": seed, "threads": cfg.threads})
+    total = sum(eval_overrides(cfg, p, s)["repeats"] for _, _, p, s in groups)
+    _log(progress, f"evaluation: {len(jobs)} of {total} cells to run ({total - len(jobs)} done) "
+                   f"in {workers} process(es) x {cfg.threads} thread(s)")
+    _run_jobs(jobs, workers, progress)
+
+    # 4. results
+    rows = collect_rows(cfg, out, groups, t_distill, set_metric, rev, chash)
+    write_results(cfg, out, rows, set_metric, rev, chash)
+    return rows
+
+
+def _run_jobs(jobs: list[dict], workers: int, progress: bool) -> None:
+    """Run evaluation cells inline (``workers == 1``) or in a spawn process pool. On the first failure
+    no new cell starts; cells in flight finish (their students are saved), then the error is raised."""
+    import torch
+
+    def report(k: int, res: dict) -> None:
+        c = res["cell"]
+        _log(progress, f"  [{k}/{len(jobs)}] {c.set_name} {c.protocol} {c.student} seed {c.seed}: "
+                       f"{res['seconds']:.1f} s")
+
+    if not jobs:
+        return
+    if workers == 1:
+        old = torch.get_num_threads()
+        try:
+            for k, job in enumerate(jobs, 1):
+                report(k, _eval_cell_worker(job))
+        finally:
+            torch.set_num_threads(old)
+        return
+    pool = cf.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn"))
+    error: BaseException | None = None
+    try:
+        futures = [pool.submit(_eval_cell_worker, job) for job in jobs]
+        for k, fut in enumerate(cf.as_completed(futures), 1):
+            try:
+                report(k, fut.result())
+            except BaseException as err:  # noqa: BLE001 - re-raised below
+                error = err
+                break
+    except BaseException as err:  # KeyboardInterrupt in the main process
+        error = err
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    if error is not None:
+        raise error
+
+
+# ---------------------------------------------------------------------- real images and metrics
+def save_real_images(cfg: BenchConfig, out: Path) -> None:
+    """``<out>/real/<class>/<i>.png``: ``real_images_per_class`` seeded random training images per class."""
+    import torch
+
+    from gendd.data import get_dataset
+    from gendd.export import save_png
+
+    ds = get_dataset(cfg.data, "train", root=cfg.data_root)
+    n = cfg.real_images_per_class
+    for c, name in enumerate(ds.classes):
+        folder = out / "real" / name
+        if folder.is_dir() and len(list(folder.glob("*.png"))) >= min(n, len(ds.class_indices(c))):
+            continue
+        idx = ds.class_indices(c)
+        pick = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(c))[:n].numpy()]
+        tmp = out / "real" / f".partial-{name}"
+        tmp.mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(ds.load(pick)):
+            save_png(img, tmp / f"{i}.png")
+        if folder.exists():
+            import shutil
+
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+
+
+def _distilled_latents(folder: Path, classes: list[str], channels: int, bb) -> tuple[dict[str, Any], str]:
+    """Per class the distilled latents: ``latents/<class>.safetensors["latents"]`` when stored with the
+    backbone's latent shape, else the posterior means of the exported PNGs (``encoded``)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from gendd.data.base import to_float
+    from gendd.data.imagefolder import load_image_dir
+
+    stored: dict[str, Any] = {}
+    for name in classes:
+        f = folder / "latents" / f"{name}.safetensors"
+        if f.exists():
+            z = load_file(str(f)).get("latents")
+            if z is not None and tuple(z.shape[1:]) == tuple(bb.latent_shape):
+                stored[name] = z
+    if len(stored) == len(classes):
+        return stored, "stored"
+    ds = load_image_dir(folder, classes, channels)
+    out = {}
+    for c, name in enumerate(classes):
+        images = ds.load(ds.class_indices(c))
+        out[name] = torch.cat([bb.encode(to_float(images[i:i + 64])) for i in range(0, len(images), 64)])
+    return out, "encoded"
+
+
+def compute_bench_metrics(cfg: BenchConfig, out: Path, progress: bool = True) -> dict[str, dict]:
+    """:func:`gendd.metrics.set_metrics` of every set in the VAE latent space (flattened latents;
+    real = a seeded subsample of ``metrics_real_per_class`` cached latents per class); cached in
+    ``<out>/metrics/<set>.json`` under a key of everything they depend on. Returns set -> metrics."""
+    import torch
+    from safetensors.torch import save_file
+
+    from gendd.metrics import set_metrics
+
+    mdir = out / "metrics"
+    mdir.mkdir(exist_ok=True)
+    spec = cfg.backbone_spec()
+    state: dict[str, Any] = {}
+
+    def backbone_and_real():
+        if not state:
+            from gendd.cache import EncodeSpec, LatentCache
+            from gendd.data import get_dataset
+            from gendd.pipeline import resolve_backbone
+
+            bb = resolve_backbone(spec, cfg.vae)
+            ds = get_dataset(cfg.data, "train", root=cfg.data_root)
+            cache = LatentCache.build(ds, bb, cfg.cache_dir, EncodeSpec(), progress=progress)
+            real, keep = {}, {}
+            for c, name in enumerate(ds.classes):
+                z = cache.latents(c).flatten(1)
+                perm = torch.randperm(len(z), generator=torch.Generator().manual_seed(c))
+                real[name] = z[perm[:cfg.metrics_real_per_class]]
+                keep[f"class_{c}"] = z[perm[:cfg.tsne_real_per_class]].contiguous()
+            save_file(keep, str(mdir / "real-latents.safetensors"), metadata={"classes": json.dumps(ds.classes)})
+            state.update(bb=bb, ds=ds, real=real)
+        return state["bb"], state["ds"], state["real"]
+
+    results = {}
+    for mspec in cfg.method_specs():
+        for ipc in cfg.ipc:
+            folder = set_folder(out, mspec.label, ipc)
+            manifest = json.loads((folder / "manifest.json").read_text())
+            files = hashlib.sha256(json.dumps(manifest.get("files", {}), sort_keys=True).encode()).hexdigest()
+            key = {"backbone": spec, "vae": cfg.vae, "data": cfg.data, "set_files": files, "space": "vae-latent",
+                   "real_per_class": cfg.metrics_real_per_class, "k": cfg.metrics_k, "sigma": "median"}
+            path = mdir / f"{folder.name}.json"
+            if path.exists() and (mdir / "real-latents.safetensors").exists():
+                saved = json.loads(path.read_text())
+                if saved.get("key") == key:
+                    results[folder.name] = saved["metrics"]
+                    continue
+            bb, ds, real = backbone_and_real()
+            _log(progress, f"metrics {folder.name} (VAE latent space) ...")
+            lat, source = _distilled_latents(folder, ds.classes, ds.channels, bb)
+            flat = {name: z.flatten(1).float() for name, z in lat.items()}
+            res = set_metrics(flat, real, k=cfg.metrics_k)
+            res["latent_source"] = source
+            save_file({f"class_{c}": flat[n].contiguous() for c, n in enumerate(ds.classes)},
+                      str(mdir / f"{folder.name}.safetensors"), metadata={"classes": json.dumps(ds.classes)})
+            _write_json(path, {"key": key, "metrics": res})
+            results[folder.name] = res
+    return results
+
+
+# ---------------------------------------------------------------------- results
+def collect_rows(cfg: BenchConfig, out: Path, groups, t_distill: dict[str, float], set_metric: dict[str, dict],
+                 rev: str, chash: str) -> list[dict]:
+    """One row per (method, IPC, protocol, student) from the saved students, plus metrics and scores."""
+    from gendd.metrics import METRIC_NAMES, augmentation_robust_score, label_robust_score
+
+    data_root = str(cfg.data_root) if cfg.data_root else None
+    rows = []
+    for spec, ipc, proto, student in groups:
+        folder = set_folder(out, spec.label, ipc)
+        over = eval_overrides(cfg, proto, student)
+        try:
+            s = run_evaluate(folder, data=cfg.data, data_root=data_root, profile=proto.profile, overrides=over,
+                             seeds=[], progress=False)
+        except DataError:  # no student trained yet
+            s = {"final_mean": float("nan"), "final_std": float("nan"), "best_mean": float("nan"),
+                 "best_std": float("nan"), "num_runs": 0, "seconds_per_run": float("nan"),
+                 "protocol": {"epochs": None}}
+        row = {"method": spec.label, "method_name": spec.method, "ipc": ipc, "student": student,
+               "protocol": proto.name, "profile": proto.profile, "epochs": s["protocol"].get("epochs"),
+               "final_mean": s["final_mean"], "final_std": s["final_std"], "best_mean": s["best_mean"],
+               "best_std": s["best_std"], "n": s["num_runs"], "repeats": over["repeats"],
+               "seconds_per_student": s["seconds_per_run"], "distill_seconds": t_distill.get(folder.name),
+               "set": f"sets/{folder.name}", "git_rev": rev, "config_hash": chash}
+        if cfg.metrics:
+            m = set_metric.get(folder.name, {})
+            row.update({f"latent_{k}": m.get(k, float("nan")) for k in METRIC_NAMES})
+        rows.append(row)
+    # DD-Ranking-style scores against the random-subset baseline under the same protocol
+    index = {(r["method"], r["ipc"], r["protocol"], r["student"]): r for r in rows}
+    if cfg.baseline in cfg.methods:
+        for r in rows:
+            base = index[(cfg.baseline, r["ipc"], r["protocol"], r["student"])]
+            r["ior"] = r["final_mean"] - base["final_mean"]
+            if r["student"] in cfg.real_accuracy:
+                r["lrs"] = label_robust_score(cfg.real_accuracy[r["student"]], r["final_mean"], r["final_mean"],
+                                              base["final_mean"], weight=cfg.score_weight)["lrs"]
+            if cfg.ars_protocols:
+                aug, noaug = cfg.ars_protocols
+                k_aug, k_no = (r["method"], r["ipc"], aug, r["student"]), (r["method"], r["ipc"], noaug, r["student"])
+                r["ars"] = augmentation_robust_score(
+                    index[k_aug]["final_mean"], index[(cfg.baseline, *k_aug[1:])]["final_mean"],
+                    index[k_no]["final_mean"], index[(cfg.baseline, *k_no[1:])]["final_mean"],
+                    weight=cfg.score_weight)["ars"]
+    return rows
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_json_safe(obj), indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN/Inf -> None, recursively (strict JSON)."""
+    if isinstance(obj, float):
+        return None if not math.isfinite(obj) else obj
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+#: Metric columns of results.md (latent space), with their short header and digits.
+MD_METRICS = (("latent_mmd2", "MMD²", 4), ("latent_fd", "FD", 1), ("latent_precision", "P", 2),
+              ("latent_recall", "R", 2), ("latent_density", "D", 2), ("latent_coverage", "C", 2),
+              ("latent_pairwise_dist", "div", 2), ("latent_representativeness", "repr", 2))
+
+
+def results_markdown(rows: list[dict], rev: str, chash: str, metrics: bool) -> str:
+    head = ["method", "IPC", "student", "protocol", "final acc %", "best acc %", "n", "s/student"]
+    extra = [k for k in ("ior", "lrs", "ars") if any(k in r for r in rows)]
+    head += [{"ior": "IOR (pts)", "lrs": "LRS", "ars": "ARS"}[k] for k in extra]
+    if metrics:
+        head += [h for _, h, _ in MD_METRICS]
+    lines = [f"gendd bench — git {rev}, config {chash}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"], str(r["ipc"]), r["student"], r["protocol"],
+                 f"{_fmt(r['final_mean'])} ± {_fmt(r['final_std'])}", f"{_fmt(r['best_mean'])} ± {_fmt(r['best_std'])}",
+                 f"{r['n']}/{r['repeats']}", _fmt(r["seconds_per_student"], 1)]
+        cells += [_fmt(r.get(k), 2 if k == "ior" else 3) for k in extra]
+        if metrics:
+            cells += [_fmt(r.get(k), d) for k, _, d in MD_METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    if metrics:
+        lines += ["", ("Set metrics in the VAE latent space against the real class (mean over classes): MMD² "
+                       "(biased, RBF, median bandwidth), FD (Fréchet distance of Gaussian fits), P/R/D/C "
+                       "(precision, recall, density, coverage; Naeem et al. 2020, k-NN radii), div (mean pairwise "
+                       "distance), repr (mean distance of real points to their nearest distilled point).")]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(cfg: BenchConfig, out: Path, rows: list[dict], set_metric: dict, rev: str, chash: str) -> None:
+    """``results.md`` (table), ``results.csv`` (every row field) and ``results.json`` (rows, config, metrics)."""
+    (out / "results.md").write_text(results_markdown(rows, rev, chash, cfg.metrics))
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    tmp = out / "results.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v)
+                        for k, v in r.items()})
+    os.replace(tmp, out / "results.csv")
+    _write_json(out / "results.json", {"name": cfg.name, "config": cfg.canonical(), "config_hash": chash,
+                                       "git_rev": rev, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                       "rows": rows, "set_metrics": set_metric})

@@ -1,0 +1,364 @@
+"""Teachers for the soft-label protocols: train one on a real training split, save, load.
+
+The soft-label protocols (:class:`gendd.evaluate.protocols.SoftLabelProtocol`) need a network
+trained on the *real* data. RDED and D3HR use torchvision's ImageNet-pretrained ResNet-18 for
+ImageNet (methods.md 5.3, 7.2) and their own checkpoints ``pretrain_models/{dataset}_{arch}.pth``
+for other datasets; neither reference ships the recipe, so :class:`TeacherConfig` is gendd's
+choice, a standard one: SGD (lr 0.1, momentum 0.9, weight decay 5e-4), batch 256, lr
+``0.1 * 0.5 (1 + cos(pi e / E))`` per epoch, cross-entropy; augmentation: random crop with 4 px
+zero padding + flip for images below 224 px (the CIFAR recipe), ``RandomResizedCrop(0.08, 1)`` +
+flip at 224 px (the torchvision ImageNet recipe); test at ``Resize(size // 7 * 8) +
+CenterCrop(size)`` for ImageNet-size data, as is otherwise.
+
+``train_teacher`` writes ``<out>/teacher.ckpt`` after every epoch (model, optimizer, generator
+state, history) and resumes from it when re-run with the same settings; at the end it writes
+``<out>/teacher.pt`` atomically: ``{"format": "gendd-teacher-1", "state_dict", "student",
+"channels", "num_classes", "image_size", "mean", "std", "test_acc", "config", "classes",
+"dataset", "history"}``.
+
+``load_teacher`` reads that file, or a plain torchvision-format ResNet-18 ``state_dict`` (e.g.
+``resnet18(weights=...).state_dict()`` saved with ``torch.save``; optionally nested under
+``"state_dict"``/``"model"``, ``module.`` prefixes allowed), which it loads into ``resnet18_bn``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from gendd.data.base import ImageDataset
+from gendd.errors import ConfigError, DataError, NumericalError
+from gendd.evaluate.imagenet_aug import TrainAugment, random_flip, resize_center_crop
+from gendd.evaluate.protocols import IMAGENET_SIZE
+from gendd.evaluate.students import STUDENTS, build_student, torchvision_resnet18_shapes
+
+TEACHER_FILE = "teacher.pt"
+CHECKPOINT_FILE = "teacher.ckpt"
+FORMAT = "gendd-teacher-1"
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """How a teacher is trained (gendd's recipe; see the module docstring).
+
+    Attributes:
+        epochs, batch_size, lr, momentum, weight_decay: SGD with a per-epoch cosine lr to 0.
+        image_size: training side; ``None`` = 224 for datasets of >= 224 px, else the dataset's.
+        pad: zero padding of the random crop for small images (0 = no crop).
+        flip: random horizontal flips.
+        eval_every: epochs between test evaluations (0 = the last only).
+        test_limit: class-balanced test subset (tests only).
+        seed: init, batch order and augmentation.
+        num_threads: torch threads during training (``None`` = leave as is).
+    """
+
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    image_size: int | None = None
+    pad: int = 4
+    flip: bool = True
+    eval_every: int = 5
+    test_limit: int | None = None
+    seed: int = 0
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [(self.epochs >= 1, "epochs must be >= 1"), (self.batch_size >= 1, "batch_size must be >= 1"),
+                  (self.lr > 0, "lr must be > 0"), (self.momentum >= 0, "momentum must be >= 0"),
+                  (self.weight_decay >= 0, "weight_decay must be >= 0"), (self.pad >= 0, "pad must be >= 0"),
+                  (self.eval_every >= 0, "eval_every must be >= 0"),
+                  (self.image_size is None or self.image_size >= 8, "image_size must be >= 8"),
+                  (self.test_limit is None or self.test_limit >= 1, "test_limit must be >= 1"),
+                  (self.num_threads is None or self.num_threads >= 1, "num_threads must be >= 1")]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(f"invalid teacher config: {msg}")
+
+    def lr_at(self, ep: int) -> float:
+        """``lr * 0.5 (1 + cos(pi ep / epochs))`` for 0-based epoch ``ep``."""
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * ep / self.epochs))
+
+
+@dataclass
+class Teacher:
+    """A loaded, frozen teacher in eval mode and what is known about it.
+
+    ``mean``/``std`` are the normalisation its inputs expect (``None``: unknown, e.g. a plain
+    state_dict -- the data's own normalisation is used); ``classes`` its class names if recorded.
+    """
+
+    model: nn.Module
+    student: str
+    channels: int
+    num_classes: int
+    image_size: int
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    test_acc: float | None
+    source: str
+    path: str
+    classes: list[str] | None = None
+    config: dict[str, Any] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able summary (no weights)."""
+        return {"path": self.path, "source": self.source, "student": self.student,
+                "channels": self.channels, "num_classes": self.num_classes,
+                "image_size": self.image_size, "test_acc": self.test_acc}
+
+
+def teacher_path(path: str | os.PathLike) -> Path:
+    """``path`` itself if a file, ``path/teacher.pt`` if a folder; ConfigError if neither exists."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / TEACHER_FILE
+    if not p.is_file():
+        raise ConfigError(f"teacher checkpoint {p} does not exist; train one with `gendd teacher train "
+                          f"--data DATA --out DIR` and pass DIR/{TEACHER_FILE}")
+    return p
+
+
+def _size_for(ds: ImageDataset, config: TeacherConfig) -> int:
+    if config.image_size is not None:
+        return config.image_size
+    return IMAGENET_SIZE if ds.image_size >= IMAGENET_SIZE else ds.image_size
+
+
+def _pad_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """Random ``H x W`` crops of the zero-padded batch (torchvision ``RandomCrop(size, padding)``)."""
+    n, c, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    rows = (oy[:, None] + torch.arange(h)).view(n, 1, h, 1).expand(n, c, h, w + 2 * pad)
+    cols = (ox[:, None] + torch.arange(w)).view(n, 1, 1, w).expand(n, c, h, w)
+    return torch.gather(torch.gather(xp, 2, rows), 3, cols)
+
+
+def _normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def _test_tensor(test_ds: ImageDataset, size: int, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    from gendd.evaluate.train import balanced_indices
+
+    idx = (np.arange(len(test_ds)) if limit is None
+           else balanced_indices(test_ds.labels, limit, test_ds.num_classes))
+    x = test_ds.load(idx.tolist())
+    if test_ds.image_size >= IMAGENET_SIZE or test_ds.image_size != size:
+        x = resize_center_crop(x, size // 7 * 8 if size >= IMAGENET_SIZE else size, size)
+    return x, torch.from_numpy(test_ds.labels[idx].copy())
+
+
+def _accuracy(net: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, mean, std, batch: int = 256) -> float:
+    net.eval()
+    correct = 0
+    with torch.inference_mode():
+        for a in range(0, x_u8.shape[0], batch):
+            xb = _normalize(x_u8[a:a + batch].float() / 255.0, mean, std)
+            correct += int((net(xb).argmax(1) == y[a:a + batch]).sum())
+    net.train()
+    return 100.0 * correct / max(1, x_u8.shape[0])
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_teacher(dataset_train: ImageDataset, dataset_test: ImageDataset, student_name: str,
+                  config: TeacherConfig | None = None, out: str | os.PathLike = "teacher",
+                  progress: bool = True) -> Teacher:
+    """Train ``student_name`` on the real ``dataset_train``, test on ``dataset_test``, save
+    ``<out>/teacher.pt``; resumable (re-run the same call). Returns the loaded :class:`Teacher`.
+
+    Raises:
+        ConfigError: unknown student, or ``out`` holds a run with other settings.
+        DataError: train and test splits differ in classes or geometry.
+        NumericalError: the loss became NaN/Inf.
+    """
+    from gendd.evaluate.train import _seed_streams, _threads
+
+    config = config or TeacherConfig()
+    if student_name not in STUDENTS:
+        raise ConfigError(f"unknown student {student_name!r}; choose one of {sorted(STUDENTS)}")
+    if dataset_train.classes != dataset_test.classes or dataset_train.channels != dataset_test.channels:
+        raise DataError(f"teacher train split ({dataset_train.channels} channels, {dataset_train.num_classes} "
+                        f"classes) and test split ({dataset_test.channels} channels, "
+                        f"{dataset_test.num_classes} classes) do not match")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = _size_for(dataset_train, config)
+    identity = {"student": student_name, "config": dataclasses.asdict(config),
+                "train_fingerprint": dataset_train.fingerprint(), "image_size": size}
+    final = out / TEACHER_FILE
+    if final.exists():
+        saved = torch.load(final, map_location="cpu", weights_only=True)
+        if saved.get("identity") == identity:
+            return load_teacher(final)
+        raise ConfigError(f"{final} holds a teacher trained with other settings; pass another --out "
+                          "or delete it")
+    mean, std = tuple(dataset_train.mean), tuple(dataset_train.std)
+    c, k = dataset_train.channels, dataset_train.num_classes
+    s_init, s_shuffle, s_aug = _seed_streams(config.seed, 3)
+    g_shuffle = torch.Generator().manual_seed(s_shuffle)
+    g_aug = torch.Generator().manual_seed(s_aug)
+    big = dataset_train.image_size >= IMAGENET_SIZE or dataset_train.image_size != size
+    rrc = TrainAugment(size, scale=(0.08, 1.0), flip=config.flip)
+    n = len(dataset_train)
+    labels = torch.from_numpy(dataset_train.labels.copy())
+
+    with _threads(config.num_threads):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s_init)
+            net = build_student(student_name, c, k, size)
+        opt = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
+                              weight_decay=config.weight_decay)
+        start, history = 0, []
+        ckpt = out / CHECKPOINT_FILE
+        if ckpt.exists():
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+            if state.get("identity") != identity:
+                raise ConfigError(f"{ckpt} is an interrupted teacher run with other settings; pass another "
+                                  "--out or delete the folder")
+            net.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            g_shuffle.set_state(state["g_shuffle"])
+            g_aug.set_state(state["g_aug"])
+            start, history = int(state["epoch"]), [tuple(h) for h in state["history"]]
+        test_x, test_y = _test_tensor(dataset_test, size, config.test_limit)
+        t0 = time.perf_counter()
+        bar = tqdm(range(start, config.epochs), desc=f"teacher {student_name}", disable=not progress,
+                   initial=start, total=config.epochs, leave=False, dynamic_ncols=True)
+        for ep in bar:
+            lr = config.lr_at(ep)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            net.train()
+            perm = torch.randperm(n, generator=g_shuffle)
+            loss_sum = 0.0
+            for a in range(0, n, config.batch_size):
+                idx = perm[a:a + config.batch_size]
+                xb = dataset_train.load(idx.tolist())
+                if big:
+                    xb = rrc(xb, g_aug, mean, std)
+                else:
+                    xb = xb.float() / 255.0
+                    if config.pad > 0:
+                        xb = _pad_crop(xb, config.pad, g_aug)
+                    if config.flip:
+                        xb = random_flip(xb, g_aug)
+                    xb = _normalize(xb, mean, std)
+                loss = F.cross_entropy(net(xb), labels[idx])
+                lv = float(loss.detach())
+                if not np.isfinite(lv):
+                    raise NumericalError(f"teacher loss became {lv} at epoch {ep}; lower --lr")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += lv * len(idx)
+            acc = None
+            if ep == config.epochs - 1 or (config.eval_every and (ep + 1) % config.eval_every == 0):
+                acc = _accuracy(net, test_x, test_y, mean, std)
+            history.append((ep + 1, loss_sum / n, acc))
+            bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc="-" if acc is None else f"{acc:.1f}")
+            _atomic_save({"identity": identity, "epoch": ep + 1, "model": net.state_dict(),
+                          "optimizer": opt.state_dict(), "g_shuffle": g_shuffle.get_state(),
+                          "g_aug": g_aug.get_state(), "history": history}, ckpt)
+        bar.close()
+        if not history or history[-1][2] is None:
+            history.append((config.epochs, float("nan"), _accuracy(net, test_x, test_y, mean, std)))
+    _atomic_save({"format": FORMAT, "state_dict": net.state_dict(), "student": student_name,
+                  "channels": c, "num_classes": k, "image_size": size, "mean": list(mean),
+                  "std": list(std), "test_acc": history[-1][2], "config": dataclasses.asdict(config),
+                  "classes": list(dataset_train.classes), "dataset": dataset_train.name,
+                  "test_split": dataset_test.split, "history": [list(h) for h in history],
+                  "seconds": time.perf_counter() - t0, "identity": identity}, final)
+    ckpt.unlink(missing_ok=True)
+    return load_teacher(final)
+
+
+def _plain_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
+    """A torchvision-style state_dict inside ``obj`` (``module.`` prefixes stripped), else None."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+        if obj and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
+            return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+    return None
+
+
+def load_teacher(path: str | os.PathLike, student: str | None = None) -> Teacher:
+    """Load a teacher: gendd's ``teacher.pt`` (or its folder), or a torchvision-format ResNet-18
+    state_dict (``student`` must then be ``None`` or ``"resnet18_bn"``). The model is frozen and in
+    eval mode.
+
+    Raises:
+        ConfigError: missing file, unreadable content, or weights that do not fit the student.
+    """
+    p = teacher_path(path)
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
+        raise ConfigError(f"cannot read teacher checkpoint {p} ({type(err).__name__}: {err})") from None
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        name = obj["student"]
+        if student is not None and student != name:
+            raise ConfigError(f"teacher {p} is a {name}, not a {student}")
+        model = build_student(name, int(obj["channels"]), int(obj["num_classes"]), int(obj["image_size"]))
+        _load_into(model, obj["state_dict"], p)
+        meta = dict(student=name, channels=int(obj["channels"]), num_classes=int(obj["num_classes"]),
+                    image_size=int(obj["image_size"]), mean=tuple(obj["mean"]), std=tuple(obj["std"]),
+                    test_acc=obj.get("test_acc"), source="gendd", classes=obj.get("classes"),
+                    config=obj.get("config"))
+    else:
+        sd = _plain_state_dict(obj)
+        if sd is None or "conv1.weight" not in sd or "fc.weight" not in sd:
+            raise ConfigError(f"{p} is neither a gendd teacher.pt nor a torchvision ResNet-18 state_dict "
+                              "(no conv1.weight / fc.weight)")
+        if student not in (None, "resnet18_bn"):
+            raise ConfigError(f"a plain torchvision state_dict loads only into resnet18_bn, not {student!r}")
+        conv1 = sd["conv1.weight"]
+        channels, kernel, num_classes = int(conv1.shape[1]), int(conv1.shape[-1]), int(sd["fc.weight"].shape[0])
+        image_size = IMAGENET_SIZE if kernel == 7 else 32
+        expected = torchvision_resnet18_shapes(channels, num_classes, small_stem=kernel != 7)
+        bad = sorted(k for k in expected if k in sd and tuple(sd[k].shape) != expected[k])
+        if bad:
+            raise ConfigError(f"{p}: shapes of {bad[:3]} do not match a torchvision ResNet-18")
+        model = build_student("resnet18_bn", channels, num_classes, image_size)
+        _load_into(model, sd, p)
+        meta = dict(student="resnet18_bn", channels=channels, num_classes=num_classes, image_size=image_size,
+                    mean=None, std=None, test_acc=None, source="torchvision-state-dict", classes=None,
+                    config=None)
+    model.eval()
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    return Teacher(model=model, path=str(p), **meta)
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], p: Path) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise ConfigError(f"teacher weights in {p} do not fit the network: "
+                          f"{' '.join(first[:3])[:400]}") from None

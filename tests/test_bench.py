@@ -1,0 +1,175 @@
+"""`gendd bench` on a tiny ImageFolder dataset and a tiny backbone: grid, resume after a kill, workers, config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gendd.errors import ConfigError
+
+
+def make_bench_world(root: Path) -> tuple[Path, Path]:
+    """3 classes of 16 px RGB images (6 train, 3 val each) and a tiny 3-class backbone folder."""
+    from gendd.backbone import tiny_backbone
+
+    data = root / "data"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 3)):
+        for k in range(3):
+            (data / split / f"k{k}").mkdir(parents=True)
+            for i in range(n):
+                arr = (rng.random((16, 16, 3)) * 200 + k * 25).astype(np.uint8)
+                Image.fromarray(arr).save(data / split / f"k{k}" / f"{i}.png")
+    tiny_backbone(num_classes=3, image_size=16, channels=3, vae_channels=(32, 32)).save_pretrained(root / "bb")
+    return data, root / "bb"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_bench_world(tmp_path_factory.mktemp("bench-world"))
+
+
+def tiny_config(world, tmp: Path, **kw):
+    from gendd.bench import BenchConfig
+
+    data, bb = world
+    base = dict(methods=["random", "dit"], ipc=[1, 2], students=["convnet3"], protocols=["quick"], repeats=2,
+                data="imagefolder", data_root=str(data), backbone=str(bb), cache_dir=str(tmp / "cache"),
+                method={"dit": {"num_steps": 2}},
+                protocol={"quick": {"epochs": 1, "test_limit": 9, "eval_every": 0, "autocast_bf16": False}},
+                metrics=True, metrics_real_per_class=6, tsne_real_per_class=6, real_images_per_class=3,
+                real_accuracy={"convnet3": 90.0})
+    base.update(kw)
+    return BenchConfig(**base)
+
+
+def _strip(rows):
+    """Rows without timings, NaN -> None (NaN != NaN)."""
+    return [{k: (None if v != v else v) for k, v in r.items() if k not in ("seconds_per_student", "distill_seconds")}
+            for r in rows]
+
+
+def test_bench_grid_resumes_after_a_kill_without_recomputing(world, tmp_path, monkeypatch):
+    import gendd.bench as bench
+    import gendd.evaluate as ev
+
+    cfg = tiny_config(world, tmp_path)
+    real_eval, real_distill = ev.evaluate_distilled, bench.run_distill
+    trained, distilled = [], []
+
+    def counting_eval(train, test, protocol, seeds=None, progress=True):
+        if limit is not None and len(trained) >= limit:
+            raise KeyboardInterrupt("simulated kill")
+        res = real_eval(train, test, protocol, seeds=seeds, progress=progress)
+        trained.append((train.name, protocol.student, tuple(seeds)))
+        return res
+
+    def counting_distill(method, *a, **k):
+        distilled.append((method, a[1]))
+        return real_distill(method, *a, **k)
+
+    monkeypatch.setattr(ev, "evaluate_distilled", counting_eval)
+    monkeypatch.setattr(bench, "run_distill", counting_distill)
+    limit = 3  # the bench is killed while the 4th of 8 students trains
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_bench(cfg, tmp_path / "b", progress=False)
+    assert len(trained) == 3 and sorted(distilled) == [("dit", 1), ("dit", 2), ("random", 1), ("random", 2)]
+    limit, distilled_before = None, len(distilled)
+    rows = bench.run_bench(cfg, tmp_path / "b", progress=False)
+    assert len(distilled) == distilled_before  # sets are not distilled again
+    assert len(trained) == 8 and len(set(trained)) == 8  # every student trained exactly once
+    assert [(r["method"], r["ipc"], r["n"]) for r in rows] == [
+        ("random", 1, 2), ("random", 2, 2), ("dit", 1, 2), ("dit", 2, 2)]
+    # a third run computes nothing; an uninterrupted run elsewhere gives the same results
+    assert _strip(bench.run_bench(cfg, tmp_path / "b", progress=False)) == _strip(rows) and len(trained) == 8
+    fresh = bench.run_bench(cfg, tmp_path / "fresh", progress=False)
+    assert _strip(fresh) == _strip(rows) and len(trained) == 16
+
+    out = tmp_path / "b"
+    r = rows[2]
+    assert r["protocol"] == "quick" and r["student"] == "convnet3" and r["repeats"] == 2
+    assert 0 <= r["final_mean"] <= 100 and r["git_rev"] and len(r["config_hash"]) == 12
+    assert r["config_hash"] == cfg.config_hash() and r["ior"] == r["final_mean"] - rows[0]["final_mean"]
+    assert 0 <= r["lrs"] <= 1 and 0 <= r["latent_coverage"] <= 1 and r["latent_fd"] >= 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["config_hash"] == cfg.config_hash() and len(saved["rows"]) == 4
+    assert set(saved["set_metrics"]) == {"random-ipc1", "random-ipc2", "dit-ipc1", "dit-ipc2"}
+    assert saved["set_metrics"]["dit-ipc1"]["latent_source"] == "stored"
+    md = (out / "results.md").read_text()
+    assert "| random | 1 | convnet3 | quick |" in md and cfg.config_hash() in md
+    header = (out / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"method", "ipc", "student", "protocol", "final_mean", "final_std", "best_mean", "best_std", "n",
+            "seconds_per_student", "git_rev", "config_hash", "latent_mmd2"} <= set(header)
+    assert len(list((out / "real" / "k0").glob("*.png"))) == 3
+    assert (out / "metrics" / "real-latents.safetensors").exists()
+    # workers do not change results: same results from the pool path (2 spawn processes, one set)
+    cfg2 = tiny_config(world, tmp_path, methods=["random"], ipc=[1], metrics=False, workers=2)
+    monkeypatch.undo()
+    par = bench.run_bench(cfg2, tmp_path / "par", progress=False)
+    assert par[0]["n"] == 2 and par[0]["final_mean"] == rows[0]["final_mean"]
+    runs = json.loads(next((tmp_path / "par" / "sets" / "random-ipc1").glob("eval-*.partial.json")).read_text())
+    assert [r["seed"] for r in runs["runs"]] == [0, 1]
+
+
+def test_bench_config_validation(world, tmp_path):
+    from gendd.bench import BenchConfig
+
+    def err(**kw):
+        with pytest.raises(ConfigError) as e:
+            tiny_config(world, tmp_path, **kw)
+        return str(e.value)
+
+    assert "unknown method 'nope'" in err(methods=["nope"])
+    assert "unknown student 'resnet99'" in err(students=["resnet99"])
+    assert "unknown protocol 'fast'" in err(protocols=["fast"])
+    assert "unknown profile 'slow'" in err(protocols=["x"], protocol={"x": {"profile": "slow"}})
+    assert "unknown field(s) epoch" in err(protocol={"quick": {"epoch": 3}})
+    assert "has no option(s) cfg" in err(method={"dit": {"cfg": 1}})
+    assert "ipc must be positive" in err(ipc=[0])
+    with pytest.raises(ConfigError, match="unknown key"):
+        BenchConfig.from_dict({"methods": ["random"], "ipc": 1, "ipcs": [2]})
+    with pytest.raises(ConfigError, match="needs 'ipc'"):
+        BenchConfig.from_dict({"methods": ["random"]})
+    # a variant label of a registered method, and the shipped example grid
+    cfg = tiny_config(world, tmp_path, methods=["dit-ddim"], method={"dit-ddim": {"method": "dit", "sampler": "ddim"}})
+    assert cfg.method_specs()[0].method == "dit" and cfg.method_specs()[0].options == {"sampler": "ddim"}
+    grid = Path(__file__).resolve().parents[1] / "benchmarks" / "grids" / "fmnist_small.toml"
+    example = BenchConfig.from_toml(grid)
+    assert example.methods == ["random", "dit"] and example.ipc == [1, 10] and example.protocols == ["quick"]
+    # the hash ignores execution knobs only
+    assert example.config_hash() == BenchConfig.from_dict({**example.__dict__, "workers": 7}).config_hash()
+    assert example.config_hash() != BenchConfig.from_dict({**example.__dict__, "seed": 1}).config_hash()
+
+
+def test_cli_bench_and_report(world, tmp_path):
+    """`gendd bench CONFIG.toml --out DIR` then `gendd report DIR`, as a user runs them; a bad config is a
+    one-line error with exit status 2."""
+    import subprocess
+    import sys
+
+    def gendd(*args):
+        return subprocess.run([sys.executable, "-m", "gendd.cli", *args], capture_output=True, text=True,
+                              timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+    data, bb = world
+    bad = tmp_path / "bad.toml"
+    bad.write_text('methods = ["nope"]\nipc = [1]\n')
+    r = gendd("bench", str(bad), "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: bench config: method 'nope': unknown method")
+    good = tmp_path / "grid.toml"
+    good.write_text("\n".join([
+        'methods = ["random"]', "ipc = [1]", "repeats = 1", 'data = "imagefolder"',
+        f"data_root = {json.dumps(str(data))}", f"backbone = {json.dumps(str(bb))}",
+        f"cache_dir = {json.dumps(str(tmp_path / 'cache'))}", "real_images_per_class = 2",
+        "[protocol.quick]", "epochs = 1", "test_limit = 6", "eval_every = 0", "autocast_bf16 = false", ""]))
+    r = gendd("bench", str(good), "--out", str(tmp_path / "b"), "--workers", "1", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "| random | 1 | convnet3 | quick |" in r.stdout and (tmp_path / "b" / "results.csv").exists()
+    r = gendd("report", str(tmp_path / "b"), "--no-tsne")
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip().splitlines()[-1]) == tmp_path / "b" / "report.html"
+    assert (tmp_path / "b" / "report.html").stat().st_size > 1000
