@@ -281,3 +281,21 @@ def test_class_statistics_are_stored_and_reused(toy_dataset, tiny_bb, tmp_path, 
     other = build_method("d3hr", num_steps=4, inversion_steps=3, num_candidates=8, cfg_scale=1.0)
     other.distill_class(method_ctx(other, toy_dataset, tiny_bb, cache, c=1, ipc=2))
     assert len(calls) == 2  # other inversion settings: computed anew
+
+
+def test_max_latents_inverts_a_fixed_subset(toy_dataset, tiny_bb, tmp_path, monkeypatch):
+    import gendd.methods.d3hr as d3hr_mod
+
+    sizes = []
+    real = d3hr_mod.ddim_invert
+    monkeypatch.setattr(d3hr_mod, "ddim_invert", lambda bb, z0, *a, **k: sizes.append(z0.shape[0]) or real(bb, z0, *a, **k))
+    kw = dict(num_steps=4, inversion_steps=2, num_candidates=8, cfg_scale=1.0, max_latents=3)
+    m = build_method("d3hr", **kw)
+    cache = method_cache(toy_dataset, tiny_bb, tmp_path, m)
+    a = m.distill_class(method_ctx(m, toy_dataset, tiny_bb, cache, c=0, ipc=2))
+    b = build_method("d3hr", **{**kw, "seed": 5})  # another run seed: same subset, stored statistics reused
+    b2 = b.distill_class(method_ctx(b, toy_dataset, tiny_bb, cache, c=0, ipc=2))
+    assert sizes == [3] and cache.latents(0).shape[0] > 3
+    assert torch.equal(a.tensors["mean"], b2.tensors["mean"])
+    with pytest.raises(ConfigError, match="max_latents"):
+        build_method("d3hr", max_latents=1)
