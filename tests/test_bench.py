@@ -106,6 +106,14 @@ def test_bench_grid_resumes_after_a_kill_without_recomputing(world, tmp_path, mo
             "seconds_per_student", "git_rev", "config_hash", "latent_mmd2"} <= set(header)
     assert len(list((out / "real" / "k0").glob("*.png"))) == 3
     assert (out / "metrics" / "real-latents.safetensors").exists()
+    # collect-only with one more IPC: nothing is distilled or trained, the new IPC shows as empty rows
+    more = tiny_config(world, tmp_path, ipc=[1, 2, 3])
+    n_distilled = len(distilled)
+    collected = bench.run_bench(more, tmp_path / "b", progress=False, collect_only=True)
+    assert len(distilled) == n_distilled and len(trained) == 16
+    assert [(r["ipc"], r["n"]) for r in collected if r["method"] == "dit"] == [(1, 2), (2, 2), (3, 0)]
+    assert _strip(collected[:2]) == [{**x, "config_hash": more.config_hash()} for x in _strip(rows[:2])]
+
     # workers do not change results: same results from the pool path (2 spawn processes, one set)
     cfg2 = tiny_config(world, tmp_path, methods=["random"], ipc=[1], metrics=False, workers=2)
     monkeypatch.undo()

@@ -33,6 +33,7 @@ TOML schema (every key optional unless marked)::
     repeats = 3                  # students per cell (default: each protocol's own)
     seed = 0                     # distillation seed (a method table may set its own)
     workers = 1                  # evaluation processes
+    compile = false              # torch.compile the students (speed only, not part of the protocol)
     threads = 1                  # torch threads per evaluation process
     metrics = false              # set metrics in the VAE latent space (needs a backbone)
     metrics_real_per_class = 1000   # real latents per class for the metrics (seeded subsample)
@@ -80,7 +81,7 @@ from gendd.pipeline import evaluation_done_seeds, run_distill, run_evaluate
 
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 #: Config fields that change how fast a bench runs, not what it computes: outside the config hash.
-EXECUTION_FIELDS = ("out", "workers", "threads")
+EXECUTION_FIELDS = ("out", "workers", "threads", "compile")
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ class BenchConfig:
     protocol: dict[str, dict[str, Any]] = field(default_factory=dict)
     workers: int = 1
     threads: int = 1
+    compile: bool = False
     metrics: bool = False
     metrics_real_per_class: int = 1000
     metrics_k: int = 5
@@ -339,7 +341,7 @@ def _eval_cell_worker(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     t0 = time.time()
     run_evaluate(job["folder"], data=job["data"], data_root=job["data_root"], profile=job["profile"],
-                 overrides=job["overrides"], seeds=[job["seed"]], progress=False)
+                 overrides=job["overrides"], seeds=[job["seed"]], progress=False, compile=job.get("compile") or None)
     return {"cell": job["cell"], "seconds": time.time() - t0}
 
 
@@ -349,8 +351,11 @@ def _log(progress: bool, msg: str) -> None:
 
 
 def run_bench(cfg: BenchConfig, out: str | os.PathLike | None = None, *, workers: int | None = None,
-              progress: bool = True) -> list[dict]:
-    """Run (or resume) the grid of ``cfg`` into ``out`` and write ``results.{md,csv,json}``; return the rows."""
+              progress: bool = True, collect_only: bool = False) -> list[dict]:
+    """Run (or resume) the grid of ``cfg`` into ``out`` and write ``results.{md,csv,json}``; return the rows.
+
+    ``collect_only``: distil and train nothing; tabulate the finished sets and students (a missing set
+    or student shows as an empty cell), e.g. to look at a grid another process is still filling."""
     out = Path(out or cfg.out or Path("runs/bench") / cfg.name)
     workers = workers or cfg.workers
     if workers < 1:
@@ -369,6 +374,9 @@ def run_bench(cfg: BenchConfig, out: str | os.PathLike | None = None, *, workers
             folder = set_folder(out, spec.label, ipc)
             if _distill_done(folder, spec, ipc, cfg):
                 _log(progress, f"distil {folder.name}: done")
+            elif collect_only:
+                _log(progress, f"distil {folder.name}: not done (collect only)")
+                continue
             else:
                 _log(progress, f"distil {folder.name} ...")
                 run_distill(spec.method, cfg.data, ipc, folder, data_root=data_root, backbone=cfg.backbone,
@@ -388,13 +396,16 @@ def run_bench(cfg: BenchConfig, out: str | os.PathLike | None = None, *, workers
     for spec, ipc, proto, student in groups:
         folder = set_folder(out, spec.label, ipc)
         over = eval_overrides(cfg, proto, student)
+        if collect_only:
+            continue
         done = evaluation_done_seeds(folder, data=cfg.data, data_root=data_root, profile=proto.profile,
                                      overrides=over)
         for seed in range(over["repeats"]):
             if seed not in done:
                 cell = EvalCell(spec.label, ipc, proto.name, student, seed)
                 jobs.append({"cell": cell, "folder": str(folder), "data": cfg.data, "data_root": data_root,
-                             "profile": proto.profile, "overrides": over, "seed": seed, "threads": cfg.threads})
+                             "profile": proto.profile, "overrides": over, "seed": seed, "threads": cfg.threads,
+                             "compile": cfg.compile})
     total = sum(eval_overrides(cfg, p, s)["repeats"] for _, _, p, s in groups)
     _log(progress, f"evaluation: {len(jobs)} of {total} cells to run ({total - len(jobs)} done) "
                    f"in {workers} process(es) x {cfg.threads} thread(s)")
@@ -534,6 +545,8 @@ def compute_bench_metrics(cfg: BenchConfig, out: Path, progress: bool = True) ->
     for mspec in cfg.method_specs():
         for ipc in cfg.ipc:
             folder = set_folder(out, mspec.label, ipc)
+            if not _distill_done(folder, mspec, ipc, cfg):
+                continue  # not distilled yet (collect-only runs)
             manifest = json.loads((folder / "manifest.json").read_text())
             files = hashlib.sha256(json.dumps(manifest.get("files", {}), sort_keys=True).encode()).hexdigest()
             key = {"backbone": spec, "vae": cfg.vae, "data": cfg.data, "set_files": files, "space": "vae-latent",

@@ -299,6 +299,7 @@ def bench_cmd(
                                        "runs/bench/<name>); re-run to resume."),
     workers: Optional[int] = typer.Option(None, help="Evaluation processes (default: the config's `workers`)."),
     quiet: bool = typer.Option(False, help="No progress output."),
+    collect_only: bool = typer.Option(False, help="Run nothing: tabulate the finished sets and students."),
 ) -> None:
     """Run a benchmark grid (resumable): distil each (method, IPC) once, train every student once, write
     results.md / results.csv / results.json (see gendd.bench for the TOML schema)."""
@@ -306,7 +307,7 @@ def bench_cmd(
 
     cfg = BenchConfig.from_toml(config)
     folder = Path(out or cfg.out or Path("runs/bench") / cfg.name)
-    run_bench(cfg, folder, workers=workers, progress=not quiet)
+    run_bench(cfg, folder, workers=workers, progress=not quiet, collect_only=collect_only)
     typer.echo((folder / "results.md").read_text())
     typer.echo(f"results in {folder}")
 
