@@ -181,3 +181,27 @@ def test_cli_bench_and_report(world, tmp_path):
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip().splitlines()[-1]) == tmp_path / "b" / "report.html"
     assert (tmp_path / "b" / "report.html").stat().st_size > 1000
+
+
+def test_finetuned_set_with_backbone_defaults_is_recognised_as_done(world, tmp_path, monkeypatch):
+    """A fine-tuning method's manifest records options resolved with the backbone folder's defaults; the
+    bench must see that set as done rather than distil it again."""
+    import shutil
+
+    import gendd.bench as bench
+
+    data, bb = world
+    bb2 = tmp_path / "bb-ft"
+    shutil.copytree(bb, bb2)
+    (bb2 / "gendd_finetune.json").write_text(json.dumps({"steps": 2, "batch_size": 4}))
+    monkeypatch.setenv("GENDD_FINETUNE", str(tmp_path / "ft"))
+    cfg = tiny_config(world, tmp_path, methods=["memory"], ipc=[1], backbone=str(bb2), metrics=False, repeats=1,
+                      method={"memory": {"num_steps": 2}}, real_accuracy={})
+    distilled = []
+    real_distill = bench.run_distill
+    monkeypatch.setattr(bench, "run_distill", lambda m, *a, **k: distilled.append(m) or real_distill(m, *a, **k))
+    bench.run_bench(cfg, tmp_path / "b", progress=False)
+    man = json.loads((tmp_path / "b" / "sets" / "memory-ipc1" / "manifest.json").read_text())
+    assert man["config"]["finetune"]["steps"] == 2 and distilled == ["memory"]
+    bench.run_bench(cfg, tmp_path / "b", progress=False)
+    assert distilled == ["memory"]

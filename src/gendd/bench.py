@@ -328,7 +328,17 @@ def _distill_done(folder: Path, spec: MethodSpec, ipc: int, cfg: BenchConfig) ->
     if not mpath.exists():
         return False
     m = json.loads(mpath.read_text())
-    want = dataclasses.asdict(build_method(spec.method, **{"seed": cfg.seed, **spec.options}).config)
+    config = build_method(spec.method, **{"seed": cfg.seed, **spec.options}).config
+    if hasattr(config, "resolve_finetune") and config.finetuned_backbone is None:
+        # fine-tuning methods record the options resolved with the backbone folder's defaults
+        from types import SimpleNamespace
+
+        from gendd.backbone.backbone import read_finetune_defaults
+        from gendd.pipeline import backbone_folder
+
+        defaults = read_finetune_defaults(backbone_folder(cfg.backbone_spec()))
+        config.finetune = config.resolve_finetune(SimpleNamespace(finetune_defaults=defaults))
+    want = dataclasses.asdict(config)
     return bool(m.get("complete")) and m.get("method") == spec.method and m.get("ipc") == ipc \
         and m.get("config") == json.loads(json.dumps(want, default=str)) \
         and m.get("dataset", {}).get("name") == cfg.data

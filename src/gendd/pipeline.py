@@ -26,6 +26,11 @@ def shipped_backbone_path(name: str) -> Path:
     return Path(str(files("gendd") / "assets" / "backbones" / SHIPPED_BACKBONES[name]))
 
 
+def backbone_folder(spec: str | os.PathLike) -> Path:
+    """The local folder a backbone spec names (a shipped name's package folder, else the path itself)."""
+    return shipped_backbone_path(str(spec)) if str(spec) in SHIPPED_BACKBONES else Path(spec)
+
+
 def resolve_backbone(spec: str | os.PathLike, vae: str | os.PathLike | None = None):
     """A shipped backbone name (``fashion-mnist``), a local diffusers DiT folder, or a hub id in the
     local Hugging Face cache (``facebook/DiT-XL-2-256``, with ``vae="stabilityai/sd-vae-ft-ema"``)."""

@@ -261,8 +261,7 @@ class Backbone(torch.nn.Module):
         bb = cls(vae_model.eval(), transformer.eval(), sched_cfg, meta)
         for k, v in meta_overrides.items():
             setattr(bb.meta, k, v)
-        if root.exists() and (root / FINETUNE_DEFAULTS).exists():
-            bb.finetune_defaults = dict(json.loads((root / FINETUNE_DEFAULTS).read_text()))
+        bb.finetune_defaults = read_finetune_defaults(root)
         bb.source_path = str(path)
         return bb
 
@@ -278,6 +277,12 @@ class Backbone(torch.nn.Module):
         h.update(json.dumps(self.scheduler_config, sort_keys=True, default=str).encode())
         h.update(json.dumps(asdict(self.meta), sort_keys=True).encode())
         return h.hexdigest()[:16]
+
+
+def read_finetune_defaults(path: str | os.PathLike) -> dict[str, Any]:
+    """The :data:`FINETUNE_DEFAULTS` options of a backbone folder (``{}`` if it has none)."""
+    f = Path(path) / FINETUNE_DEFAULTS
+    return dict(json.loads(f.read_text())) if f.is_file() else {}
 
 
 def tiny_backbone(num_classes: int = 10, image_size: int = 32, channels: int = 1,
