@@ -229,9 +229,12 @@ def run_evaluate(folder: str | os.PathLike, *, data: str | None = None, data_roo
 
 
 def format_row(summary: dict) -> str:
+    epochs = summary["protocol"].get("epochs")
+    if epochs is None and summary.get("runs"):  # IPC-dependent schedules (idc-hard) resolve per run
+        epochs = summary["runs"][0].get("epochs")
     return (f"final {summary['final_mean']:.2f} ± {summary['final_std']:.2f} | best "
             f"{summary['best_mean']:.2f} ± {summary['best_std']:.2f} ({summary['num_runs']} runs, "
-            f"{summary['protocol']['epochs']} epochs, {summary['seconds_per_run']:.0f} s/run)")
+            f"{epochs} epochs, {summary['seconds_per_run']:.0f} s/run)")
 
 
 def _evaluate_worker(args: tuple) -> dict:
