@@ -417,8 +417,11 @@ def run_bench(cfg: BenchConfig, out: str | os.PathLike | None = None, *, workers
                              "profile": proto.profile, "overrides": over, "seed": seed, "threads": cfg.threads,
                              "compile": cfg.compile})
     total = sum(eval_overrides(cfg, p, s)["repeats"] for _, _, p, s in groups)
-    _log(progress, f"evaluation: {len(jobs)} of {total} cells to run ({total - len(jobs)} done) "
-                   f"in {workers} process(es) x {cfg.threads} thread(s)")
+    if collect_only:
+        _log(progress, f"evaluation: collect only ({total} cells in the grid; nothing is trained)")
+    else:
+        _log(progress, f"evaluation: {len(jobs)} of {total} cells to run ({total - len(jobs)} done) "
+                       f"in {workers} process(es) x {cfg.threads} thread(s)")
     _run_jobs(jobs, workers, progress)
 
     # 4. results
