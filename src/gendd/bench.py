@@ -483,7 +483,8 @@ def save_real_images(cfg: BenchConfig, out: Path) -> None:
         if folder.is_dir() and len(list(folder.glob("*.png"))) >= min(n, len(ds.class_indices(c))):
             continue
         idx = ds.class_indices(c)
-        pick = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(c))[:n].numpy()]
+        # a stream of its own: with seed c it would repeat the `random` method's subset (seed 0, class c)
+        pick = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(7_919_000 + c))[:n].numpy()]
         tmp = out / "real" / f".partial-{name}"
         tmp.mkdir(parents=True, exist_ok=True)
         for i, img in enumerate(ds.load(pick)):
