@@ -178,6 +178,16 @@ def _nan_check(value: float, ep: int, seed: int, lr: float) -> None:
                              "check the distilled images for NaN/Inf values or lower the learning rate")
 
 
+def _sgd_step(opt: torch.optim.Optimizer, loss: torch.Tensor, ep: int, seed: int, lr: float) -> float:
+    """Check the loss is finite, back-propagate, step; return the loss value."""
+    value = float(loss.detach())
+    _nan_check(value, ep, seed, lr)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return value
+
+
 # ------------------------------------------------------------------------------------ IDC hard
 
 def train_idc_hard(images: torch.Tensor, labels: torch.Tensor, test: TestU8,
@@ -254,12 +264,7 @@ def train_idc_hard(images: torch.Tensor, labels: torch.Tensor, test: TestU8,
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                         out = fwd(xb)
                     loss = F.cross_entropy(out.float(), yb)
-                lv = float(loss.detach())
-                _nan_check(lv, ep, seed, lr)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += lv * len(idx)
+                loss_sum += _sgd_step(opt, loss, ep, seed, lr) * len(idx)
             if protocol.evaluates(ep, epochs):
                 t0 = time.perf_counter()
                 acc = accuracy_u8(fwd, test_x, test_y, mean, std, protocol.test_batch_size, bf16)
@@ -384,12 +389,7 @@ def train_soft_label(images: torch.Tensor, labels: torch.Tensor, test: TestU8,
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     out = fwd(xm)
                 loss = soft_label_loss(out, t_logits, T)
-                lv = float(loss.detach())
-                _nan_check(lv, ep, seed, lr)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += lv * len(idx)
+                loss_sum += _sgd_step(opt, loss, ep, seed, lr) * len(idx)
             if protocol.evaluates(ep, epochs):
                 t0 = time.perf_counter()
                 acc = accuracy_u8(fwd, test_x, test_y, mean, std, protocol.test_batch_size, bf16)
