@@ -227,12 +227,8 @@ def train_student(train_images: torch.Tensor, train_labels: torch.Tensor,
     return result
 
 
-def _train_arrays(train_ds: ImageDataset, test_ds: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distilled set as normalised floats (test statistics) and labels in test-class order."""
-    if (train_ds.channels, train_ds.image_size) != (test_ds.channels, test_ds.image_size):
-        raise DataError(f"distilled images are {train_ds.channels}x{train_ds.image_size}px but "
-                        f"the test split is {test_ds.channels}x{test_ds.image_size}px; "
-                        "resize the distilled set to the test resolution")
+def labels_in_test_order(train_ds: ImageDataset, test_ds: ImageDataset) -> torch.Tensor:
+    """The distilled set's labels as indices of the test split's classes (matched by name)."""
     if train_ds.classes == test_ds.classes:
         labels = train_ds.labels
     elif sorted(train_ds.classes) == sorted(test_ds.classes):
@@ -241,8 +237,17 @@ def _train_arrays(train_ds: ImageDataset, test_ds: ImageDataset) -> tuple[torch.
     else:
         raise DataError(f"distilled classes {train_ds.classes} do not match the test classes "
                         f"{test_ds.classes}; name the class folders like the test classes")
+    return torch.from_numpy(np.ascontiguousarray(labels))
+
+
+def _train_arrays(train_ds: ImageDataset, test_ds: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distilled set as normalised floats (test statistics) and labels in test-class order."""
+    if (train_ds.channels, train_ds.image_size) != (test_ds.channels, test_ds.image_size):
+        raise DataError(f"distilled images are {train_ds.channels}x{train_ds.image_size}px but "
+                        f"the test split is {test_ds.channels}x{test_ds.image_size}px; "
+                        "resize the distilled set to the test resolution")
     images = normalize(train_ds.load(list(range(len(train_ds)))), test_ds.mean, test_ds.std)
-    return images, torch.from_numpy(np.ascontiguousarray(labels))
+    return images, labels_in_test_order(train_ds, test_ds)
 
 
 def evaluate_distilled(train_ds: ImageDataset, test_ds: ImageDataset, protocol: Protocol,

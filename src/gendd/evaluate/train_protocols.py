@@ -49,6 +49,7 @@ from gendd.evaluate.protocols import (
 )
 from gendd.evaluate.students import build_student
 from gendd.evaluate.teacher import Teacher, load_teacher
+from gendd.evaluate.train import labels_in_test_order
 
 TestU8 = tuple[torch.Tensor, torch.Tensor]
 
@@ -88,16 +89,8 @@ def load_distilled(train_ds: ImageDataset, test_ds: ImageDataset) -> tuple[torch
     if train_ds.channels != test_ds.channels:
         raise DataError(f"distilled images have {train_ds.channels} channel(s) but the test split has "
                         f"{test_ds.channels}")
-    if train_ds.classes == test_ds.classes:
-        labels = train_ds.labels
-    elif sorted(train_ds.classes) == sorted(test_ds.classes):
-        remap = np.array([test_ds.classes.index(c) for c in train_ds.classes], dtype=np.int64)
-        labels = remap[train_ds.labels]
-    else:
-        raise DataError(f"distilled classes {train_ds.classes} do not match the test classes "
-                        f"{test_ds.classes}; name the class folders like the test classes")
     images = train_ds.load(list(range(len(train_ds))))
-    return images, torch.from_numpy(np.ascontiguousarray(labels))
+    return images, labels_in_test_order(train_ds, test_ds)
 
 
 def eval_transform(protocol: IDCHardProtocol | SoftLabelProtocol, test_side: int) -> tuple[int, int, str]:
@@ -336,7 +329,6 @@ def train_soft_label(images: torch.Tensor, labels: torch.Tensor, test: TestU8,
     ipc = _ipc(labels, num_classes)
     epochs = protocol.resolved_epochs(ipc, num_classes)
     batch = protocol.resolved_batch_size(ipc, num_classes)
-    y = labels.long()
     n = images.shape[0]
     s_init, s_shuffle, s_aug, s_mix = _seed_streams(seed, 4)
     g_shuffle = torch.Generator().manual_seed(s_shuffle)
