@@ -245,11 +245,14 @@ def finetune_cmd(
         raise typer.BadParameter("--backbone is required for this dataset")
     from gendd.config import make_config
 
-    bb = resolve_backbone(spec, vae)
-    defaults = {k: v for k, v in bb.finetune_defaults.items() if k != "eviction"}  # the folder's gendd_finetune.json
+    from gendd.backbone.backbone import read_finetune_defaults
+    from gendd.pipeline import backbone_folder
+
+    # the folder's gendd_finetune.json, read without loading the model: bad options fail before any loading
+    defaults = {k: v for k, v in read_finetune_defaults(backbone_folder(spec)).items() if k != "eviction"}
     cfg = make_config(FinetuneConfig, {"eviction": eviction, **defaults, **parse_options(option)}, "finetune")
     ds = get_dataset(data, "train", root=data_root)
-    finetune_dataset(ds, bb, out, cfg, cache_dir=cache_dir, progress=not quiet)
+    finetune_dataset(ds, resolve_backbone(spec, vae), out, cfg, cache_dir=cache_dir, progress=not quiet)
     typer.echo(f"fine-tuned backbone written to {out}")
 
 
