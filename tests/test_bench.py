@@ -205,3 +205,69 @@ def test_finetuned_set_with_backbone_defaults_is_recognised_as_done(world, tmp_p
     assert man["config"]["finetune"]["steps"] == 2 and distilled == ["memory"]
     bench.run_bench(cfg, tmp_path / "b", progress=False)
     assert distilled == ["memory"]
+
+
+def test_soft_label_rows_lrs_and_teacher_space_metrics(world, tmp_path, monkeypatch):
+    """A grid with a hard and a soft-label protocol: the soft row's LRS takes Acc(syn, hard) from the hard row
+    of the same set; the teacher-space metrics are computed once per set and cached."""
+    import gendd.evaluate.teacher as teacher_mod
+    from gendd.bench import run_bench
+    from gendd.data import get_dataset
+    from gendd.evaluate import TeacherConfig, train_teacher
+    from gendd.metrics import label_robust_score
+
+    data, _ = world
+    train = get_dataset("imagefolder", "train", root=str(data))
+    test = get_dataset("imagefolder", "test", root=str(data))
+    train_teacher(train, test, "convnet3", TeacherConfig(epochs=1, eval_every=0), out=tmp_path / "t", progress=False)
+    soft = {"profile": "rded-soft-quick", "teacher": str(tmp_path / "t"), "epochs": 1, "test_limit": 9,
+            "eval_every": 0}
+    cfg = tiny_config(world, tmp_path, ipc=[2], protocols=["quick", "soft"], metrics=False,
+                      protocol={"quick": {"epochs": 1, "test_limit": 9, "eval_every": 0, "autocast_bf16": False},
+                                "soft": soft},
+                      metrics_teacher=str(tmp_path / "t"), real_accuracy={"convnet3": 80.0})
+    calls = []
+    real_features = teacher_mod.teacher_features
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real_features(*a, **k)
+
+    monkeypatch.setattr(teacher_mod, "teacher_features", counting)
+    rows = run_bench(cfg, tmp_path / "b", progress=False)
+    idx = {(r["method"], r["protocol"]): r for r in rows}
+    assert len(rows) == 4 and all(r["n"] == 2 for r in rows)
+    hard, sft, base = idx[("dit", "quick")], idx[("dit", "soft")], idx[("random", "soft")]
+    want = label_robust_score(80.0, hard["final_mean"], sft["final_mean"], base["final_mean"])["lrs"]
+    assert sft["lrs"] == pytest.approx(want)
+    assert hard["lrs"] == pytest.approx(label_robust_score(80.0, hard["final_mean"], hard["final_mean"],
+                                                           idx[("random", "quick")]["final_mean"])["lrs"])
+    for r in rows:
+        assert 0 <= r["teacher_coverage"] <= 1 and r["teacher_fd"] >= 0 and r["teacher_pairwise_dist"] > 0
+    n_calls = len(calls)
+    assert n_calls == 2 * 3 + 3  # per set one call per class, and the real images once per class
+    again = run_bench(cfg, tmp_path / "b", progress=False)
+    assert len(calls) == n_calls and _strip(again) == _strip(rows)
+    md = (tmp_path / "b" / "results.md").read_text()
+    assert "div(T)" in md and "LRS" in md
+    saved = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert set(saved["set_metrics_teacher"]) == {"random-ipc2", "dit-ipc2"}
+
+
+def test_teacher_features_resize_and_normalise(tmp_path):
+    """teacher_features == embed of the normalised images; other sizes are resized to the teacher's."""
+    import torch
+
+    from gendd.evaluate import build_student, normalize
+    from gendd.evaluate.teacher import Teacher, teacher_features
+    from gendd.metrics import embed_images
+
+    torch.manual_seed(0)
+    net = build_student("convnet3", 1, 3, 16).eval()
+    t = Teacher(net, "convnet3", 1, 3, 16, (0.5,), (0.25,), None, "gendd", "x")
+    x = torch.randint(0, 256, (5, 1, 16, 16), dtype=torch.uint8)
+    got = teacher_features(t, x, batch_size=2)
+    assert torch.allclose(got, embed_images(net, normalize(x, (0.5,), (0.25,))), atol=1e-6)
+    assert teacher_features(t, torch.randint(0, 256, (3, 1, 24, 24), dtype=torch.uint8)).shape == got[:3].shape
+    with pytest.raises(ConfigError, match="normalisation"):
+        teacher_features(Teacher(net, "convnet3", 1, 3, 16, None, None, None, "x", "x"), x)

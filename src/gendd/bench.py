@@ -7,6 +7,7 @@ Layout of a bench folder::
                                            #   with eval-<tag>.partial.json / eval-<tag>.json per protocol
     <out>/metrics/<method>-ipc<ipc>.json   # set_metrics in the VAE latent space (``metrics = true``)
     <out>/metrics/<method>-ipc<ipc>.safetensors, real-latents.safetensors   # flattened latents (report)
+    <out>/metrics/<method>-ipc<ipc>.teacher.json   # set_metrics in the teacher's feature space (``metrics_teacher``)
     <out>/real/<class>/<i>.png             # a few real training images per class (report)
     <out>/results.{md,csv,json}
 
@@ -38,6 +39,7 @@ TOML schema (every key optional unless marked)::
     metrics = false              # set metrics in the VAE latent space (needs a backbone)
     metrics_real_per_class = 1000   # real latents per class for the metrics (seeded subsample)
     metrics_k = 5                # k of precision/recall/density/coverage
+    metrics_teacher = "runs/t"   # also the set metrics in this teacher's penultimate-layer feature space
     tsne_real_per_class = 300    # real latents per class kept for the report's t-SNE
     real_images_per_class = 10   # real images per class kept for the report
     baseline = "random"          # method label of the random-subset baseline (IOR, LRS, ARS)
@@ -135,6 +137,7 @@ class BenchConfig:
     metrics: bool = False
     metrics_real_per_class: int = 1000
     metrics_k: int = 5
+    metrics_teacher: str | None = None
     tsne_real_per_class: int = 300
     real_images_per_class: int = 10
     baseline: str = "random"
@@ -235,6 +238,8 @@ class BenchConfig:
         need(isinstance(self.metrics_k, int) and self.metrics_k >= 1, "metrics_k must be >= 1")
         need(0.0 <= self.score_weight <= 1.0, f"score_weight must be in [0, 1], got {self.score_weight}")
         need(isinstance(self.metrics, bool), f"metrics must be true or false, got {self.metrics!r}")
+        need(self.metrics_teacher is None or (isinstance(self.metrics_teacher, str) and self.metrics_teacher != ""),
+             f"metrics_teacher must be the path of a teacher checkpoint, got {self.metrics_teacher!r}")
         need(isinstance(self.real_accuracy, dict) and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.real_accuracy.values()),
             f"real_accuracy must map student names to accuracies in %, got {self.real_accuracy!r}")
@@ -395,9 +400,10 @@ def run_bench(cfg: BenchConfig, out: str | os.PathLike | None = None, *, workers
             manifest = json.loads((folder / "manifest.json").read_text())
             t_distill[folder.name] = float(manifest.get("seconds_total", float("nan")))
 
-    # 2. real images for the report, and set metrics in the VAE latent space
+    # 2. real images for the report, and set metrics in the VAE latent space and the teacher's space
     save_real_images(cfg, out)
     set_metric = compute_bench_metrics(cfg, out, progress=progress) if cfg.metrics else {}
+    teacher_metric = compute_teacher_metrics(cfg, out, progress=progress) if cfg.metrics_teacher else {}
 
     # 3. evaluation cells
     groups = [(spec, ipc, proto, student) for spec in specs for ipc in cfg.ipc for proto in protos
@@ -425,8 +431,8 @@ def run_bench(cfg: BenchConfig, out: str | os.PathLike | None = None, *, workers
     _run_jobs(jobs, workers, progress)
 
     # 4. results
-    rows = collect_rows(cfg, out, groups, t_distill, set_metric, rev, chash)
-    write_results(cfg, out, rows, set_metric, rev, chash)
+    rows = collect_rows(cfg, out, groups, t_distill, set_metric, rev, chash, teacher_metric)
+    write_results(cfg, out, rows, set_metric, rev, chash, teacher_metric)
     return rows
 
 
@@ -561,9 +567,8 @@ def compute_bench_metrics(cfg: BenchConfig, out: Path, progress: bool = True) ->
             folder = set_folder(out, mspec.label, ipc)
             if not _distill_done(folder, mspec, ipc, cfg):
                 continue  # not distilled yet (collect-only runs)
-            manifest = json.loads((folder / "manifest.json").read_text())
-            files = hashlib.sha256(json.dumps(manifest.get("files", {}), sort_keys=True).encode()).hexdigest()
-            key = {"backbone": spec, "vae": cfg.vae, "data": cfg.data, "set_files": files, "space": "vae-latent",
+            key = {"backbone": spec, "vae": cfg.vae, "data": cfg.data, "set_files": _set_files_hash(folder),
+                   "space": "vae-latent",
                    "real_per_class": cfg.metrics_real_per_class, "k": cfg.metrics_k, "sigma": "median"}
             path = mdir / f"{folder.name}.json"
             if path.exists() and (mdir / "real-latents.safetensors").exists():
@@ -584,10 +589,87 @@ def compute_bench_metrics(cfg: BenchConfig, out: Path, progress: bool = True) ->
     return results
 
 
+def _set_files_hash(folder: Path) -> str:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return hashlib.sha256(json.dumps(manifest.get("files", {}), sort_keys=True).encode()).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def compute_teacher_metrics(cfg: BenchConfig, out: Path, progress: bool = True) -> dict[str, dict]:
+    """:func:`gendd.metrics.set_metrics` of every finished set in the penultimate-layer feature space of
+    the teacher ``cfg.metrics_teacher`` (:func:`gendd.evaluate.teacher_features`); real = a seeded
+    subsample of ``metrics_real_per_class`` training images per class (the images whose latents the
+    VAE-space metrics use). Cached in ``<out>/metrics/<set>.teacher.json`` under a key of everything
+    they depend on (the teacher file's sha256 included). Returns set -> metrics."""
+    import torch
+
+    from gendd.data import get_dataset
+    from gendd.data.imagefolder import load_image_dir
+    from gendd.evaluate.teacher import load_teacher, teacher_features, teacher_path
+    from gendd.metrics import set_metrics
+
+    mdir = out / "metrics"
+    mdir.mkdir(exist_ok=True)
+    tpath = teacher_path(cfg.metrics_teacher)
+    tsha = _file_sha256(tpath)
+    state: dict[str, Any] = {}
+
+    def teacher_and_real():
+        if not state:
+            teacher = load_teacher(tpath)
+            ds = get_dataset(cfg.data, "train", root=cfg.data_root)
+            real = {}
+            for c, name in enumerate(ds.classes):
+                idx = ds.class_indices(c)
+                perm = torch.randperm(len(idx), generator=torch.Generator().manual_seed(c))
+                pick = idx[perm[:cfg.metrics_real_per_class].numpy()]
+                real[name] = teacher_features(teacher, ds.load(pick), ds.mean, ds.std)
+            state.update(teacher=teacher, ds=ds, real=real)
+        return state["teacher"], state["ds"], state["real"]
+
+    results = {}
+    for mspec in cfg.method_specs():
+        for ipc in cfg.ipc:
+            folder = set_folder(out, mspec.label, ipc)
+            if not _distill_done(folder, mspec, ipc, cfg):
+                continue
+            key = {"teacher_sha256": tsha, "data": cfg.data, "set_files": _set_files_hash(folder),
+                   "space": "teacher-penultimate", "real_per_class": cfg.metrics_real_per_class,
+                   "k": cfg.metrics_k, "sigma": "median"}
+            path = mdir / f"{folder.name}.teacher.json"
+            if path.exists():
+                saved = json.loads(path.read_text())
+                if saved.get("key") == key:
+                    results[folder.name] = saved["metrics"]
+                    continue
+            teacher, ds, real = teacher_and_real()
+            _log(progress, f"metrics {folder.name} (teacher feature space) ...")
+            images = load_image_dir(folder, ds.classes, ds.channels)
+            feats = {name: teacher_features(teacher, images.load(images.class_indices(c)), ds.mean, ds.std)
+                     for c, name in enumerate(ds.classes)}
+            res = set_metrics(feats, real, k=cfg.metrics_k)
+            _write_json(path, {"key": key, "metrics": res})
+            results[folder.name] = res
+    return results
+
+
 # ---------------------------------------------------------------------- results
 def collect_rows(cfg: BenchConfig, out: Path, groups, t_distill: dict[str, float], set_metric: dict[str, dict],
-                 rev: str, chash: str) -> list[dict]:
-    """One row per (method, IPC, protocol, student) from the saved students, plus metrics and scores."""
+                 rev: str, chash: str, teacher_metric: dict[str, dict] | None = None) -> list[dict]:
+    """One row per (method, IPC, protocol, student) from the saved students, plus metrics and scores.
+
+    LRS (``real_accuracy`` set): a hard-label row scores its own accuracy as both Acc(syn, hard) and
+    Acc(syn, any); a soft-label row (a :class:`~gendd.evaluate.SoftLabelProtocol` profile) takes
+    Acc(syn, hard) from the grid's first hard-label protocol for the same set and student, and has no
+    LRS if the grid has none."""
+    from gendd.evaluate import PROFILES, SoftLabelProtocol
     from gendd.metrics import METRIC_NAMES, augmentation_robust_score, label_robust_score
 
     data_root = str(cfg.data_root) if cfg.data_root else None
@@ -611,15 +693,22 @@ def collect_rows(cfg: BenchConfig, out: Path, groups, t_distill: dict[str, float
         if cfg.metrics:
             m = set_metric.get(folder.name, {})
             row.update({f"latent_{k}": m.get(k, float("nan")) for k in METRIC_NAMES})
+        if cfg.metrics_teacher:
+            m = (teacher_metric or {}).get(folder.name, {})
+            row.update({f"teacher_{k}": m.get(k, float("nan")) for k in METRIC_NAMES})
         rows.append(row)
+    soft = {p.name for p in cfg.protocol_specs() if isinstance(PROFILES[p.profile], SoftLabelProtocol)}
+    hard = next((p for p in cfg.protocols if p not in soft), None)
     # DD-Ranking-style scores against the random-subset baseline under the same protocol
     index = {(r["method"], r["ipc"], r["protocol"], r["student"]): r for r in rows}
     if cfg.baseline in cfg.methods:
         for r in rows:
             base = index[(cfg.baseline, r["ipc"], r["protocol"], r["student"])]
             r["ior"] = r["final_mean"] - base["final_mean"]
-            if r["student"] in cfg.real_accuracy:
-                r["lrs"] = label_robust_score(cfg.real_accuracy[r["student"]], r["final_mean"], r["final_mean"],
+            if r["student"] in cfg.real_accuracy and (r["protocol"] not in soft or hard is not None):
+                syn_hard = (r if r["protocol"] not in soft
+                            else index[(r["method"], r["ipc"], hard, r["student"])])["final_mean"]
+                r["lrs"] = label_robust_score(cfg.real_accuracy[r["student"]], syn_hard, r["final_mean"],
                                               base["final_mean"], weight=cfg.score_weight)["lrs"]
             if cfg.ars_protocols:
                 aug, noaug = cfg.ars_protocols
@@ -660,12 +749,19 @@ MD_METRICS = (("latent_mmd2", "MMD²", 4), ("latent_fd", "FD", 1), ("latent_prec
               ("latent_pairwise_dist", "div", 2), ("latent_representativeness", "repr", 2))
 
 
-def results_markdown(rows: list[dict], rev: str, chash: str, metrics: bool) -> str:
+#: Teacher-space metric columns of results.md (``metrics_teacher``).
+MD_TEACHER_METRICS = (("teacher_fd", "FD(T)", 1), ("teacher_coverage", "C(T)", 2),
+                      ("teacher_pairwise_dist", "div(T)", 2), ("teacher_representativeness", "repr(T)", 2))
+
+
+def results_markdown(rows: list[dict], rev: str, chash: str, metrics: bool, teacher: bool = False) -> str:
     head = ["method", "IPC", "student", "protocol", "final acc %", "best acc %", "n", "s/student"]
     extra = [k for k in ("ior", "lrs", "ars") if any(k in r for r in rows)]
     head += [{"ior": "IOR (pts)", "lrs": "LRS", "ars": "ARS"}[k] for k in extra]
     if metrics:
         head += [h for _, h, _ in MD_METRICS]
+    if teacher:
+        head += [h for _, h, _ in MD_TEACHER_METRICS]
     lines = [f"gendd bench — git {rev}, config {chash}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -675,18 +771,23 @@ def results_markdown(rows: list[dict], rev: str, chash: str, metrics: bool) -> s
         cells += [_fmt(r.get(k), 2 if k == "ior" else 3) for k in extra]
         if metrics:
             cells += [_fmt(r.get(k), d) for k, _, d in MD_METRICS]
+        if teacher:
+            cells += [_fmt(r.get(k), d) for k, _, d in MD_TEACHER_METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     if metrics:
         lines += ["", ("Set metrics in the VAE latent space against the real class (mean over classes): MMD² "
                        "(biased, RBF, median bandwidth), FD (Fréchet distance of Gaussian fits), P/R/D/C "
                        "(precision, recall, density, coverage; Naeem et al. 2020, k-NN radii), div (mean pairwise "
                        "distance), repr (mean distance of real points to their nearest distilled point).")]
+    if teacher:
+        lines += ["", "(T): the same metrics in the penultimate-layer feature space of the `metrics_teacher` network."]
     return "\n".join(lines) + "\n"
 
 
-def write_results(cfg: BenchConfig, out: Path, rows: list[dict], set_metric: dict, rev: str, chash: str) -> None:
+def write_results(cfg: BenchConfig, out: Path, rows: list[dict], set_metric: dict, rev: str, chash: str,
+                  teacher_metric: dict | None = None) -> None:
     """``results.md`` (table), ``results.csv`` (every row field) and ``results.json`` (rows, config, metrics)."""
-    (out / "results.md").write_text(results_markdown(rows, rev, chash, cfg.metrics))
+    (out / "results.md").write_text(results_markdown(rows, rev, chash, cfg.metrics, bool(cfg.metrics_teacher)))
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
@@ -700,4 +801,5 @@ def write_results(cfg: BenchConfig, out: Path, rows: list[dict], set_metric: dic
     os.replace(tmp, out / "results.csv")
     _write_json(out / "results.json", {"name": cfg.name, "config": cfg.canonical(), "config_hash": chash,
                                        "git_rev": rev, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                       "rows": rows, "set_metrics": set_metric})
+                                       "rows": rows, "set_metrics": set_metric,
+                                       "set_metrics_teacher": teacher_metric or {}})

@@ -12,7 +12,7 @@ from gendd.evaluate.protocols import (
     soft_batch_size,
 )
 from gendd.evaluate.students import STUDENTS, ConvNet, ResNet, build_student, register_student
-from gendd.evaluate.teacher import Teacher, TeacherConfig, load_teacher, train_teacher
+from gendd.evaluate.teacher import Teacher, TeacherConfig, load_teacher, teacher_features, train_teacher
 from gendd.evaluate.train import (
     accuracy,
     evaluate_distilled,
@@ -27,7 +27,7 @@ __all__ = [
     "PROFILES", "DSAProtocol", "IDCHardProtocol", "Protocol", "SoftLabelProtocol", "get_profile",
     "ipc_epochs", "soft_batch_size",
     "STUDENTS", "ConvNet", "ResNet", "build_student", "register_student",
-    "Teacher", "TeacherConfig", "load_teacher", "train_teacher",
+    "Teacher", "TeacherConfig", "load_teacher", "teacher_features", "train_teacher",
     "accuracy", "evaluate_distilled", "format_result", "normalize", "prepare_test",
     "train_student",
 ]

@@ -295,6 +295,27 @@ def train_teacher(dataset_train: ImageDataset, dataset_test: ImageDataset, stude
     return load_teacher(final)
 
 
+def teacher_features(teacher: Teacher, images: torch.Tensor, mean=None, std=None,
+                     batch_size: int = 256) -> torch.Tensor:
+    """Penultimate-layer features of uint8 images ``(n, C, H, W)`` under ``teacher`` (float32 ``(n, d)``).
+
+    The images get the teacher's test transform (``Resize(size // 7 * 8) + CenterCrop(size)`` for
+    ImageNet-size teachers, a plain resize when the sizes differ, as is otherwise) and its normalisation
+    (``mean``/``std`` when the checkpoint does not record one). This is the feature space of the
+    set metrics "in the teacher's space" (:func:`gendd.metrics.set_metrics`)."""
+    from gendd.metrics import embed_images
+
+    size = teacher.image_size
+    if images.shape[-1] != size or size >= IMAGENET_SIZE:
+        images = resize_center_crop(images, size // 7 * 8 if size >= IMAGENET_SIZE else size, size)
+    m, s = teacher.mean or mean, teacher.std or std
+    if m is None or s is None:
+        raise ConfigError(f"teacher {teacher.path} records no input normalisation; pass mean and std")
+    feats = [embed_images(teacher.model, _normalize(images[a:a + batch_size].float() / 255.0, m, s), batch_size)
+             for a in range(0, len(images), batch_size)]
+    return torch.cat(feats) if feats else torch.zeros(0)
+
+
 def _plain_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
     """A torchvision-style state_dict inside ``obj`` (``module.`` prefixes stripped), else None."""
     if isinstance(obj, dict):
