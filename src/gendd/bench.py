@@ -561,32 +561,21 @@ def compute_bench_metrics(cfg: BenchConfig, out: Path, progress: bool = True) ->
             state.update(bb=bb, ds=ds, real=real)
         return state["bb"], state["ds"], state["real"]
 
-    results = {}
-    for mspec in cfg.method_specs():
-        for ipc in cfg.ipc:
-            folder = set_folder(out, mspec.label, ipc)
-            if not _distill_done(folder, mspec, ipc, cfg):
-                continue  # not distilled yet (collect-only runs)
-            key = {"backbone": spec, "vae": cfg.vae, "data": cfg.data, "set_files": _set_files_hash(folder),
-                   "space": "vae-latent",
-                   "real_per_class": cfg.metrics_real_per_class, "k": cfg.metrics_k, "sigma": "median"}
-            path = mdir / f"{folder.name}.json"
-            if path.exists() and (mdir / "real-latents.safetensors").exists():
-                saved = json.loads(path.read_text())
-                if saved.get("key") == key:
-                    results[folder.name] = saved["metrics"]
-                    continue
-            bb, ds, real = backbone_and_real()
-            _log(progress, f"metrics {folder.name} (VAE latent space) ...")
-            lat, source = _distilled_latents(folder, ds.classes, ds.channels, bb)
-            flat = {name: z.flatten(1).float() for name, z in lat.items()}
-            res = set_metrics(flat, real, k=cfg.metrics_k)
-            res["latent_source"] = source
-            save_file({f"class_{c}": flat[n].contiguous() for c, n in enumerate(ds.classes)},
-                      str(mdir / f"{folder.name}.safetensors"), metadata={"classes": json.dumps(ds.classes)})
-            _write_json(path, {"key": key, "metrics": res})
-            results[folder.name] = res
-    return results
+    def compute(folder: Path) -> dict:
+        bb, ds, real = backbone_and_real()
+        _log(progress, f"metrics {folder.name} (VAE latent space) ...")
+        lat, source = _distilled_latents(folder, ds.classes, ds.channels, bb)
+        flat = {name: z.flatten(1).float() for name, z in lat.items()}
+        res = set_metrics(flat, real, k=cfg.metrics_k)
+        res["latent_source"] = source
+        save_file({f"class_{c}": flat[n].contiguous() for c, n in enumerate(ds.classes)},
+                  str(mdir / f"{folder.name}.safetensors"), metadata={"classes": json.dumps(ds.classes)})
+        return res
+
+    key = {"backbone": spec, "vae": cfg.vae, "data": cfg.data, "space": "vae-latent",
+           "real_per_class": cfg.metrics_real_per_class, "k": cfg.metrics_k, "sigma": "median"}
+    return _cached_set_metrics(cfg, out, ".json", key, compute,
+                               valid=lambda: (mdir / "real-latents.safetensors").exists())
 
 
 def _set_files_hash(folder: Path) -> str:
@@ -634,29 +623,37 @@ def compute_teacher_metrics(cfg: BenchConfig, out: Path, progress: bool = True) 
             state.update(teacher=teacher, ds=ds, real=real)
         return state["teacher"], state["ds"], state["real"]
 
+    def compute(folder: Path) -> dict:
+        teacher, ds, real = teacher_and_real()
+        _log(progress, f"metrics {folder.name} (teacher feature space) ...")
+        images = load_image_dir(folder, ds.classes, ds.channels)
+        feats = {name: teacher_features(teacher, images.load(images.class_indices(c)), ds.mean, ds.std)
+                 for c, name in enumerate(ds.classes)}
+        return set_metrics(feats, real, k=cfg.metrics_k)
+
+    key = {"teacher_sha256": tsha, "data": cfg.data, "space": "teacher-penultimate",
+           "real_per_class": cfg.metrics_real_per_class, "k": cfg.metrics_k, "sigma": "median"}
+    return _cached_set_metrics(cfg, out, ".teacher.json", key, compute)
+
+
+def _cached_set_metrics(cfg: BenchConfig, out: Path, suffix: str, key: dict, compute, valid=lambda: True) -> dict:
+    """``compute(folder)`` of every distilled set of the grid, cached in ``<out>/metrics/<set><suffix>``
+    under ``key`` plus the hash of the set's files (reused when equal and ``valid()``)."""
     results = {}
     for mspec in cfg.method_specs():
         for ipc in cfg.ipc:
             folder = set_folder(out, mspec.label, ipc)
             if not _distill_done(folder, mspec, ipc, cfg):
-                continue
-            key = {"teacher_sha256": tsha, "data": cfg.data, "set_files": _set_files_hash(folder),
-                   "space": "teacher-penultimate", "real_per_class": cfg.metrics_real_per_class,
-                   "k": cfg.metrics_k, "sigma": "median"}
-            path = mdir / f"{folder.name}.teacher.json"
-            if path.exists():
+                continue  # not distilled yet (collect-only runs)
+            full_key = {**key, "set_files": _set_files_hash(folder)}
+            path = out / "metrics" / f"{folder.name}{suffix}"
+            if path.exists() and valid():
                 saved = json.loads(path.read_text())
-                if saved.get("key") == key:
+                if saved.get("key") == full_key:
                     results[folder.name] = saved["metrics"]
                     continue
-            teacher, ds, real = teacher_and_real()
-            _log(progress, f"metrics {folder.name} (teacher feature space) ...")
-            images = load_image_dir(folder, ds.classes, ds.channels)
-            feats = {name: teacher_features(teacher, images.load(images.class_indices(c)), ds.mean, ds.std)
-                     for c, name in enumerate(ds.classes)}
-            res = set_metrics(feats, real, k=cfg.metrics_k)
-            _write_json(path, {"key": key, "metrics": res})
-            results[folder.name] = res
+            results[folder.name] = compute(folder)
+            _write_json(path, {"key": full_key, "metrics": results[folder.name]})
     return results
 
 

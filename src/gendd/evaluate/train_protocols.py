@@ -154,6 +154,20 @@ def _check_inputs(images: torch.Tensor, labels: torch.Tensor, num_classes: int) 
                         f"[{int(labels.min())}, {int(labels.max())}]")
 
 
+def _test_after_epoch(protocol, ep: int, epochs: int, fwd: nn.Module, test: tuple, bf16: bool,
+                      history: list, bar, loss_text: str) -> float:
+    """Test after 0-based epoch ``ep`` if ``protocol.evaluates(ep, epochs)``: append ``(ep + 1, acc)`` to
+    ``history``, show it on ``bar``; return the seconds spent (0 when not testing).
+    ``test`` = (uint8 images, labels, mean, std)."""
+    if not protocol.evaluates(ep, epochs):
+        return 0.0
+    t0 = time.perf_counter()
+    acc = accuracy_u8(fwd, *test, protocol.test_batch_size, bf16)
+    history.append((ep + 1, acc))
+    bar.set_postfix(loss=loss_text, acc=f"{acc:.1f}")
+    return time.perf_counter() - t0
+
+
 def _finish(seed: int, epochs: int, history: list, lrs: list, loss: float, seconds: float,
             eval_seconds: float, resolved: dict, net: nn.Module, return_model: bool) -> dict:
     best_epoch, best_acc = max(history, key=lambda h: (h[1], -h[0]))
@@ -258,12 +272,8 @@ def train_idc_hard(images: torch.Tensor, labels: torch.Tensor, test: TestU8,
                         out = fwd(xb)
                     loss = F.cross_entropy(out.float(), yb)
                 loss_sum += _sgd_step(opt, loss, ep, seed, lr) * len(idx)
-            if protocol.evaluates(ep, epochs):
-                t0 = time.perf_counter()
-                acc = accuracy_u8(fwd, test_x, test_y, mean, std, protocol.test_batch_size, bf16)
-                eval_seconds += time.perf_counter() - t0
-                history.append((ep + 1, acc))
-                bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{acc:.1f}")
+            eval_seconds += _test_after_epoch(protocol, ep, epochs, fwd, (test_x, test_y, mean, std), bf16,
+                                              history, bar, f"{loss_sum / n:.3f}")
         seconds = time.perf_counter() - start
         bar.close()
     return _finish(seed, epochs, history, lrs, loss_sum / n, seconds, eval_seconds, resolved, net,
@@ -382,12 +392,8 @@ def train_soft_label(images: torch.Tensor, labels: torch.Tensor, test: TestU8,
                     out = fwd(xm)
                 loss = soft_label_loss(out, t_logits, T)
                 loss_sum += _sgd_step(opt, loss, ep, seed, lr) * len(idx)
-            if protocol.evaluates(ep, epochs):
-                t0 = time.perf_counter()
-                acc = accuracy_u8(fwd, test_x, test_y, mean, std, protocol.test_batch_size, bf16)
-                eval_seconds += time.perf_counter() - t0
-                history.append((ep + 1, acc))
-                bar.set_postfix(loss=f"{loss_sum / n:.4f}", acc=f"{acc:.1f}")
+            eval_seconds += _test_after_epoch(protocol, ep, epochs, fwd, (test_x, test_y, mean, std), bf16,
+                                              history, bar, f"{loss_sum / n:.4f}")
         seconds = time.perf_counter() - start
         bar.close()
     return _finish(seed, epochs, history, lrs, loss_sum / n, seconds, eval_seconds, resolved, net,
