@@ -3,7 +3,8 @@ hard labels with ConvNet-3, ConvNet-6 and ResNet-AP-10 students and under soft l
 DD-Ranking's label-robust score, the full-data upper bound, and the seconds per student of each profile.
 
     gendd bench benchmarks/grids/fmnist_table.toml --collect-only        # ConvNet-3, hard (runs/table)
-    gendd bench benchmarks/grids/fmnist_crossarch.toml --collect-only    # ConvNet-6, ResNet-AP-10 (runs/crossarch)
+    gendd bench benchmarks/grids/fmnist_crossarch.toml --collect-only    # ConvNet-6 (runs/crossarch)
+    gendd bench benchmarks/grids/fmnist_resnet.toml --collect-only       # ResNet-AP-10 (runs/resnet)
     gendd bench benchmarks/grids/fmnist_soft.toml --collect-only         # soft labels, LRS, teacher metrics
     python benchmarks/fmnist_suite_table.py --out benchmarks/results/fmnist_suite.md
 
@@ -29,7 +30,7 @@ def _num(v) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bench", nargs="+", default=["runs/table", "runs/crossarch", "runs/soft"])
+    ap.add_argument("--bench", nargs="+", default=["runs/table", "runs/crossarch", "runs/resnet", "runs/soft"])
     ap.add_argument("--ipc", type=int, nargs="+", default=[1, 10])
     ap.add_argument("--results", default="benchmarks/results")
     ap.add_argument("--out", default=None)
