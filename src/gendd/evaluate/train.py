@@ -281,13 +281,19 @@ def evaluate_distilled(train_ds: ImageDataset, test_ds: ImageDataset, protocol: 
             runs.append(train_student(x, y, test, protocol, s, progress,
                                       num_classes=test_ds.num_classes,
                                       desc=f"student {i + 1}/{len(seeds)}"))
+    return summarise_runs(runs, protocol, test_ds, int(test[0].shape[0]), y, test_ds.num_classes, t0, threads)
+
+
+def summarise_runs(runs: list[dict], protocol, test_ds: ImageDataset, test_size: int, train_labels: torch.Tensor,
+                   num_classes: int, t0: float, threads: int | None, **extra) -> dict:
+    """The result of an evaluation: mean and population std (``np.std``, as the references) of the
+    students' final and best accuracies, the runs, the protocol, the test split and the training set's
+    class counts; ``extra`` fields are added (e.g. the teacher)."""
     final = np.array([r["final_acc"] for r in runs])
     best = np.array([r["best_acc"] for r in runs])
     return {
-        "final_mean": float(final.mean()),
-        "final_std": float(final.std()),
-        "best_mean": float(best.mean()),
-        "best_std": float(best.std()),
+        "final_mean": float(final.mean()), "final_std": float(final.std()),
+        "best_mean": float(best.mean()), "best_std": float(best.std()),
         "num_runs": len(runs),
         "seconds_per_run": float(np.mean([r["seconds"] for r in runs])),
         "seconds_total": time.perf_counter() - t0,
@@ -295,9 +301,10 @@ def evaluate_distilled(train_ds: ImageDataset, test_ds: ImageDataset, protocol: 
         "protocol": dataclasses.asdict(protocol),
         "dataset": test_ds.name,
         "test_split": test_ds.split,
-        "test_size": int(test[0].shape[0]),
-        "train_size": int(x.shape[0]),
-        "train_class_counts": np.bincount(y.numpy(), minlength=test_ds.num_classes).tolist(),
+        "test_size": test_size,
+        "train_size": int(train_labels.shape[0]),
+        "train_class_counts": np.bincount(train_labels.numpy(), minlength=num_classes).tolist(),
+        **extra,
         "torch_version": torch.__version__,
         "num_threads": threads,
     }

@@ -27,7 +27,6 @@ Loss equations (``s`` student logits, ``t`` teacher logits, ``T`` temperature):
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Sequence
 
@@ -49,7 +48,7 @@ from gendd.evaluate.protocols import (
 )
 from gendd.evaluate.students import build_student
 from gendd.evaluate.teacher import Teacher, load_teacher
-from gendd.evaluate.train import labels_in_test_order
+from gendd.evaluate.train import labels_in_test_order, summarise_runs
 
 TestU8 = tuple[torch.Tensor, torch.Tensor]
 
@@ -434,24 +433,7 @@ def evaluate_protocol(train_ds: ImageDataset, test_ds: ImageDataset,
             else:
                 runs.append(train_soft_label(x, y, test, protocol, s, progress, num_classes=k, mean=mean,
                                              std=std, teacher=teacher, class_map=class_map, desc=desc))
-    final = np.array([r["final_acc"] for r in runs])
-    best = np.array([r["best_acc"] for r in runs])
-    return {
-        "final_mean": float(final.mean()), "final_std": float(final.std()),
-        "best_mean": float(best.mean()), "best_std": float(best.std()),
-        "num_runs": len(runs),
-        "seconds_per_run": float(np.mean([r["seconds"] for r in runs])),
-        "seconds_total": time.perf_counter() - t0,
-        "runs": runs,
-        "protocol": dataclasses.asdict(protocol),
-        "dataset": test_ds.name,
-        "test_split": test_ds.split,
-        "test_size": int(test[0].shape[0]),
-        "test_transform": eval_transform(protocol, test_ds.image_size)[2],
-        "image_size": int(test[0].shape[-1]),
-        "train_size": int(x.shape[0]),
-        "train_class_counts": np.bincount(y.numpy(), minlength=k).tolist(),
-        "teacher": None if teacher is None else teacher.describe(),
-        "torch_version": torch.__version__,
-        "num_threads": threads,
-    }
+    return summarise_runs(runs, protocol, test_ds, int(test[0].shape[0]), y, k, t0, threads,
+                          test_transform=eval_transform(protocol, test_ds.image_size)[2],
+                          image_size=int(test[0].shape[-1]),
+                          teacher=None if teacher is None else teacher.describe())
