@@ -8,8 +8,8 @@ AvgPool2d(2)``, then ``flatten -> Linear(num_classes)``.
 One detail of the reference is kept: for single-channel inputs the first convolution pads by 3
 instead of 1, so a 28x28 image becomes 32x32 after it (28 + 2*3 - 2) and the feature map is
 128 x 4 x 4 after three poolings, exactly as for 32x32 RGB inputs. The feature size is computed
-from ``image_size``; deeper ConvNets on small images skip the pooling of the blocks whose input
-side is already 1 (see :class:`ConvNet`), so ``convnet6`` also runs on 28/32 px images.
+from ``image_size``; deeper ConvNets on small images skip the pooling that would leave a later
+block a 1x1 map (see :class:`ConvNet`), so ``convnet6`` also runs on 28/32 px images.
 
 ``convnet4``..``convnet6`` are the deeper ConvNets of later DD work (IDC evaluates ImageNet
 subsets with ConvNet-6 at 224 px: ``snu-mllab/Efficient-Dataset-Condensation``, ``models/convnet.py``).
@@ -65,11 +65,14 @@ class ConvNet(nn.Module):
     side is ``s1 = image_size + 2*pad - 2``; each block then halves it (floor), giving
     ``s_d = s1 // 2**depth`` and ``width * s_d**2`` features for the classifier.
 
-    Small inputs (gendd's rule, not in the reference, where depth 6 needs >= 64 px): a block pools
-    only while its feature map side is >= 2; once the side is 1 the block's pooling is an
-    ``nn.Identity`` (no parameters, so parameter names, order and the init draws are unchanged),
-    e.g. ConvNet-6 on 28 px grayscale: 32 -> 16 -> 8 -> 4 -> 2 -> 1 -> 1 (128 features). Depths
-    and sizes the reference supports pool in every block, exactly as before.
+    Small inputs (gendd's rule, not in the reference, where depth 6 needs >= 64 px): instance norm
+    of a 1x1 map is identically zero (each channel minus its own mean), so a block whose input were
+    1x1 would output a constant and the network could not learn. A block therefore pools only if the
+    pooled map keeps a side >= 2, or if it is the last block (whose pooled map goes straight to the
+    classifier); otherwise its pooling is an ``nn.Identity`` (no parameters, so parameter names,
+    order and the init draws are unchanged). E.g. ConvNet-6 on 28 px grayscale: 32 -> 16 -> 8 -> 4
+    -> 2 -> 2 -> 1 (128 features). Depths and sizes the reference supports pool in every block,
+    exactly as before.
     Parameters: ``(9*channels*width + width) + (depth-1)*(9*width**2 + width) + depth*2*width
     + (width*s_d**2 + 1)*num_classes`` (320,010 for 32x32x3, 10 classes).
     """
@@ -90,10 +93,10 @@ class ConvNet(nn.Module):
             side = side + 2 * pad - 2
             layers.append(nn.GroupNorm(width, width, affine=True))  # instance norm
             layers.append(nn.ReLU(inplace=True))
-            if side >= 2:
+            if side // 2 >= 2 or (side >= 2 and d == depth - 1):
                 layers.append(nn.AvgPool2d(kernel_size=2, stride=2))
                 side //= 2
-            else:  # the map is 1x1 already: pooling would empty it
+            else:  # pooling would leave the next block's instance norm a 1x1 map (or empty it)
                 layers.append(nn.Identity())
             in_ch = width
         if side < 1:
