@@ -583,14 +583,6 @@ def _set_files_hash(folder: Path) -> str:
     return hashlib.sha256(json.dumps(manifest.get("files", {}), sort_keys=True).encode()).hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def compute_teacher_metrics(cfg: BenchConfig, out: Path, progress: bool = True) -> dict[str, dict]:
     """:func:`gendd.metrics.set_metrics` of every finished set in the penultimate-layer feature space of
     the teacher ``cfg.metrics_teacher`` (:func:`gendd.evaluate.teacher_features`); real = a seeded
@@ -602,12 +594,13 @@ def compute_teacher_metrics(cfg: BenchConfig, out: Path, progress: bool = True) 
     from gendd.data import get_dataset
     from gendd.data.imagefolder import load_image_dir
     from gendd.evaluate.teacher import load_teacher, teacher_features, teacher_path
+    from gendd.export import sha256_file
     from gendd.metrics import set_metrics
 
     mdir = out / "metrics"
     mdir.mkdir(exist_ok=True)
     tpath = teacher_path(cfg.metrics_teacher)
-    tsha = _file_sha256(tpath)
+    tsha = sha256_file(tpath)
     state: dict[str, Any] = {}
 
     def teacher_and_real():
