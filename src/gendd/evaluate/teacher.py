@@ -160,10 +160,15 @@ def _test_tensor(test_ds: ImageDataset, size: int, limit: int | None) -> tuple[t
 
     idx = (np.arange(len(test_ds)) if limit is None
            else balanced_indices(test_ds.labels, limit, test_ds.num_classes))
-    x = test_ds.load(idx.tolist())
-    if test_ds.image_size >= IMAGENET_SIZE or test_ds.image_size != size:
+    return _test_resize(test_ds.load(idx.tolist()), size), torch.from_numpy(test_ds.labels[idx].copy())
+
+
+def _test_resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The teacher's test transform of uint8 images: ``Resize(size // 7 * 8) + CenterCrop(size)`` for
+    ImageNet-size teachers, a plain resize to ``size`` when the sizes differ, else as is."""
+    if x.shape[-1] != size or size >= IMAGENET_SIZE:
         x = resize_center_crop(x, size // 7 * 8 if size >= IMAGENET_SIZE else size, size)
-    return x, torch.from_numpy(test_ds.labels[idx].copy())
+    return x
 
 
 def _accuracy(net: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, mean, std, batch: int = 256) -> float:
@@ -305,9 +310,7 @@ def teacher_features(teacher: Teacher, images: torch.Tensor, mean=None, std=None
     set metrics "in the teacher's space" (:func:`gendd.metrics.set_metrics`)."""
     from gendd.metrics import embed_images
 
-    size = teacher.image_size
-    if images.shape[-1] != size or size >= IMAGENET_SIZE:
-        images = resize_center_crop(images, size // 7 * 8 if size >= IMAGENET_SIZE else size, size)
+    images = _test_resize(images, teacher.image_size)
     m, s = teacher.mean or mean, teacher.std or std
     if m is None or s is None:
         raise ConfigError(f"teacher {teacher.path} records no input normalisation; pass mean and std")
