@@ -1,11 +1,11 @@
 """The Fashion-MNIST evaluation-suite table (BENCHMARKS.md §9): every method's IPC 10 set (and IPC 1) under
-hard labels with ConvNet-3, ConvNet-6 and ResNet-AP-10 students and under soft labels (a ConvNet-3 teacher),
-DD-Ranking's label-robust score, the full-data upper bound, and the seconds per student of each profile.
+hard labels with ConvNet-3, ConvNet-6 and ResNet-AP-10 students, under soft labels (a ConvNet-3 teacher) and
+without augmentation, DD-Ranking's label- and augmentation-robust scores, the full-data upper bound, and the seconds per student of each profile.
 
     gendd bench benchmarks/grids/fmnist_table.toml --collect-only        # ConvNet-3, hard (runs/table)
     gendd bench benchmarks/grids/fmnist_crossarch.toml --collect-only    # ConvNet-6 (runs/crossarch)
     gendd bench benchmarks/grids/fmnist_resnet.toml --collect-only       # ResNet-AP-10 (runs/resnet)
-    gendd bench benchmarks/grids/fmnist_soft.toml --collect-only         # soft labels, LRS, teacher metrics
+    gendd bench benchmarks/grids/fmnist_soft.toml --collect-only         # soft labels, no-aug, LRS, ARS, teacher metrics
     python benchmarks/fmnist_suite_table.py --out benchmarks/results/fmnist_suite.md
 
 Reads the results.json of those bench folders and benchmarks/results/full_data_*.json (full-data students,
@@ -21,7 +21,8 @@ import statistics
 from pathlib import Path
 
 COLUMNS = [("convnet3", "quick", "ConvNet-3"), ("convnet6", "quick", "ConvNet-6"),
-           ("resnet_ap10", "quick", "ResNet-AP-10"), ("convnet3", "soft", "ConvNet-3 soft")]
+           ("resnet_ap10", "quick", "ResNet-AP-10"), ("convnet3", "soft", "ConvNet-3 soft"),
+           ("convnet3", "quick-noaug", "ConvNet-3 no-aug")]
 
 
 def _num(v) -> bool:
@@ -57,12 +58,12 @@ def main() -> None:
         s = f"{r['final_mean']:.2f} ± {r['final_std']:.2f}"
         return s if r["n"] >= 3 else f"{s} ({r['n']})"
 
-    head = ["method", "IPC"] + [c[2] for c in COLUMNS] + ["LRS hard", "LRS soft", "div(T)", "repr(T)", "cov(T)"]
+    head = ["method", "IPC"] + [c[2] for c in COLUMNS] + ["LRS hard", "LRS soft", "ARS", "div(T)", "repr(T)", "cov(T)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     full = _full_data(Path(args.results))
     if full:
         lines.append("| full data (60k, 1 student) | – | " + " | ".join(
-            full.get(s, "–") if p == "quick" else "–" for s, p, _ in COLUMNS) + " | – | – | – | – | – |")
+            full.get(s, "–") if p == "quick" else "–" for s, p, _ in COLUMNS) + " | – | – | – | – | – | – |")
     for ipc in args.ipc:
         for m in methods:
             cells = [rows.get((m, ipc, s, p)) for s, p, _ in COLUMNS]
@@ -74,7 +75,8 @@ def main() -> None:
             def f(v, d):
                 return f"{v:.{d}f}" if _num(v) else "–"
             lines.append("| " + " | ".join([m, str(ipc)] + [cell(c) for c in cells] + [
-                f(hard.get("lrs") if hard else None, 3), f(soft.get("lrs") if soft else None, 3), f(tm.get("pairwise_dist"), 2), f(tm.get("representativeness"), 2),
+                f(hard.get("lrs") if hard else None, 3), f(soft.get("lrs") if soft else None, 3),
+                f(hard.get("ars") if hard else None, 3), f(tm.get("pairwise_dist"), 2), f(tm.get("representativeness"), 2),
                 f(tm.get("coverage"), 3)]) + " |")
     table = "\n".join(lines)
     timing = _timings(rows)

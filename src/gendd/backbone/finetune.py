@@ -67,7 +67,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gendd.backbone.backbone import Backbone, _diffusers
-from gendd.backbone.train import _log, _Stage, disable_builtin_label_dropout
+from gendd.backbone.train import _log, _Stage, disable_builtin_label_dropout, q_sample
 from gendd.blocks.memory import ClassMemory, check_eviction, diversity_loss, representativeness_loss
 from gendd.errors import ConfigError, DataError
 
@@ -445,14 +445,14 @@ def _finetune_chunk(backbone: Backbone, src: _Latents, labels: list[int], model_
         y[torch.rand(y.shape, generator=g) < cfg.label_dropout] = backbone.null_label
         t = torch.randint(0, backbone.num_train_timesteps, (bs,), generator=g)
         noise = torch.randn(z0.shape, generator=g).to(device)
-        a = abar[t.to(device)].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        zt = q_sample(z0, noise, abar[t.to(device)])
         eps = model(zt, timestep=t.to(device), class_labels=y.to(device)).sample[:, :channels]
         l_diff = torch.nn.functional.mse_loss(eps, noise)
         loss = l_diff
         stats = {"representativeness": None, "diversity": None}
         classes = sorted(set(yl.tolist()))
         if cfg.use_memory:
+            a = abar[t.to(device)].view(-1, 1, 1, 1)
             x0 = (zt - (1 - a).sqrt() * eps) / a.sqrt()
             terms, rs, ds = [], [], []
             for c in classes:

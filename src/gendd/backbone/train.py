@@ -80,6 +80,13 @@ def _log(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def q_sample(z0: torch.Tensor, noise: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
+    """Forward noising ``z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps`` (Ho et al. 2020, eq. 4);
+    ``abar_t`` holds one level per sample and is broadcast over the latent dimensions."""
+    a = abar_t.view(-1, *([1] * (z0.dim() - 1)))
+    return a.sqrt() * z0 + (1 - a).sqrt() * noise
+
+
 def disable_builtin_label_dropout(transformer) -> None:
     """diffusers' ``LabelEmbedding`` drops labels with the global RNG in train mode; gendd drops
     them itself with an explicit generator (reproducible, resumable), so switch that off."""
@@ -258,8 +265,7 @@ def train_backbone(dataset: ImageDataset, out: str | os.PathLike, cfg: BackboneT
         y[drop] = dataset.num_classes
         t = torch.randint(0, bb.num_train_timesteps, (z0.shape[0],), generator=g)
         noise = torch.randn(z0.shape, generator=g)
-        a = abar[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        zt = q_sample(z0, noise, abar[t])
         pred = dit(zt, timestep=t, class_labels=y).sample
         loss = torch.nn.functional.mse_loss(pred, noise)
         dit_stage.update(loss)
