@@ -1,0 +1,94 @@
+"""gendd's own backbone training (gendd.backbone.train): a tiny run end to end, resume after an
+interruption, the config guard, and the forward-noising formula."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_dataset
+from gendd.backbone import Backbone
+from gendd.backbone.train import BackboneTrainConfig, _Stage, q_sample, train_backbone
+from gendd.errors import ConfigError
+
+
+def _tiny_cfg(**kw) -> BackboneTrainConfig:
+    base = dict(image_size=16, vae_channels=(32, 32), latent_channels=4, vae_steps=4, vae_batch_size=8,
+                dit_hidden=32, dit_layers=1, dit_heads=2, patch_size=2, dit_steps=5, dit_batch_size=8,
+                checkpoint_every=2, ema_decay=0.9, seed=3)
+    base.update(kw)
+    return BackboneTrainConfig(**base)
+
+
+def _state(path) -> dict[str, torch.Tensor]:
+    bb = Backbone.from_pretrained(path)
+    return {**{f"vae.{k}": v for k, v in bb.vae.state_dict().items()},
+            **{f"dit.{k}": v for k, v in bb.transformer.state_dict().items()}}
+
+
+def test_q_sample_is_the_ddpm_marginal():
+    z0, eps = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    abar = torch.tensor([0.9, 0.5, 0.01])
+    zt = q_sample(z0, eps, abar)
+    for i in range(3):
+        want = abar[i].sqrt() * z0[i] + (1 - abar[i]).sqrt() * eps[i]
+        assert torch.equal(zt[i], want)
+
+
+def test_tiny_training_writes_a_loadable_backbone(tmp_path):
+    ds = make_dataset(size=12)
+    bb = train_backbone(ds, tmp_path / "bb", _tiny_cfg(), progress=False)
+    loaded = Backbone.from_pretrained(tmp_path / "bb")
+    assert loaded.content_hash() == bb.content_hash()
+    assert loaded.meta.pad == 2 and loaded.meta.class_names == list(ds.classes)
+    log = [json.loads(line) for line in (tmp_path / "bb" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["stage"] == "vae"][-1] == 4
+    assert [r["step"] for r in log if r["stage"] == "dit"][-1] == 5
+    # the latent scaling factor makes the training latents unit-variance
+    lat = torch.load(tmp_path / "bb" / "checkpoints" / "train_latents.pt")
+    assert abs(float((lat["z"] * lat["scaling_factor"]).std()) - 1.0) < 1e-5
+
+
+@pytest.mark.parametrize("stage,at", [("vae", 3), ("dit", 3)])
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch, stage, at):
+    ds = make_dataset(size=12)
+    train_backbone(ds, tmp_path / "whole", _tiny_cfg(), progress=False)
+
+    update = _Stage.update
+
+    def crash(self, loss):
+        if self.name == stage and self.step == at:
+            raise KeyboardInterrupt
+        update(self, loss)
+
+    monkeypatch.setattr(_Stage, "update", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_backbone(ds, tmp_path / "split", _tiny_cfg(), progress=False)
+    ckpt = torch.load(tmp_path / "split" / "checkpoints" / f"{stage}.pt", weights_only=False)
+    assert ckpt["step"] == 2  # the last checkpoint before the crash
+    done = []
+
+    def count(self, loss):
+        done.append(self.name)
+        update(self, loss)
+
+    monkeypatch.setattr(_Stage, "update", count)
+    train_backbone(ds, tmp_path / "split", _tiny_cfg(), progress=False)
+    # only the steps after the checkpoint were trained again
+    assert done == (["vae"] * 2 + ["dit"] * 5 if stage == "vae" else ["dit"] * 3)
+
+    a, b = _state(tmp_path / "whole"), _state(tmp_path / "split")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_rerun_with_another_config_is_refused(tmp_path):
+    ds = make_dataset(size=12)
+    train_backbone(ds, tmp_path / "bb", _tiny_cfg(dit_steps=2), progress=False)
+    with pytest.raises(ConfigError, match="different config"):
+        train_backbone(ds, tmp_path / "bb", _tiny_cfg(dit_steps=3), progress=False)
+    with pytest.raises(ConfigError, match="image_size"):
+        train_backbone(ds, tmp_path / "odd", _tiny_cfg(image_size=15), progress=False)
