@@ -1,6 +1,7 @@
 """The Fashion-MNIST evaluation-suite table (BENCHMARKS.md §9): every method's IPC 10 set (and IPC 1) under
 hard labels with ConvNet-3, ConvNet-6 and ResNet-AP-10 students, under soft labels (a ConvNet-3 teacher) and
-without augmentation, DD-Ranking's label- and augmentation-robust scores, the full-data upper bound, and the seconds per student of each profile.
+without augmentation, DD-Ranking's label- and augmentation-robust scores, the full-data upper bound, and the
+seconds per student of each profile.
 
     gendd bench benchmarks/grids/fmnist_table.toml --collect-only        # ConvNet-3, hard (runs/table)
     gendd bench benchmarks/grids/fmnist_crossarch.toml --collect-only    # ConvNet-6 (runs/crossarch)
