@@ -443,16 +443,17 @@ def _finetune_chunk(backbone: Backbone, src: _Latents, labels: list[int], model_
         g = stage.gen
         z0, yl, y = z_all[idx].to(device), y_local[idx], y_model_all[idx].clone()
         y[torch.rand(y.shape, generator=g) < cfg.label_dropout] = backbone.null_label
-        t = torch.randint(0, backbone.num_train_timesteps, (bs,), generator=g)
+        t = torch.randint(0, backbone.num_train_timesteps, (bs,), generator=g).to(device)
         noise = torch.randn(z0.shape, generator=g).to(device)
-        zt = q_sample(z0, noise, abar[t.to(device)])
-        eps = model(zt, timestep=t.to(device), class_labels=y.to(device)).sample[:, :channels]
+        abar_t = abar[t]
+        zt = q_sample(z0, noise, abar_t)
+        eps = model(zt, timestep=t, class_labels=y.to(device)).sample[:, :channels]
         l_diff = torch.nn.functional.mse_loss(eps, noise)
         loss = l_diff
         stats = {"representativeness": None, "diversity": None}
         classes = sorted(set(yl.tolist()))
         if cfg.use_memory:
-            a = abar[t.to(device)].view(-1, 1, 1, 1)
+            a = abar_t.view(-1, 1, 1, 1)
             x0 = (zt - (1 - a).sqrt() * eps) / a.sqrt()
             terms, rs, ds = [], [], []
             for c in classes:
