@@ -23,7 +23,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="fashion-mnist")
     ap.add_argument("--classifier-epochs", type=int, default=3)
-    ap.add_argument("--fp32", action="store_true", help="train the classifier without bf16 autocast")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="classifier precision policy (gendd.hardware)")
     ap.add_argument("--classifier", default="runs/fmnist_convnet3_full.pt",
                     help="where the classifier is saved / reused from")
     ap.add_argument("--per-class", type=int, default=100)
@@ -57,7 +58,7 @@ def main() -> None:
         report["classifier"] = state["report"]
     else:
         proto = get_profile("paper").with_overrides(epochs=args.classifier_epochs, repeats=1,
-                                                    eval_every=1, autocast_bf16=not args.fp32)
+                                                    eval_every=1, precision=args.precision)
         x = normalize(train.load(range(len(train))), train.mean, train.std)
         y = torch.as_tensor(train.labels)
         res = train_student(x, y, test_xy, proto, seed=0, progress=True, num_classes=10, return_model=True)
@@ -65,7 +66,7 @@ def main() -> None:
         report["classifier"] = {"final_acc": res["final_acc"], "best_acc": res["best_acc"], "history": res["history"],
                                 "seconds": res["seconds"], "epochs": args.classifier_epochs,
                                 "passes": args.classifier_epochs + 1, "protocol": "dsa (paper values), full train split",
-                                "autocast_bf16": not args.fp32}
+                                "precision": res["precision"]}
         clf_path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": net.state_dict(), "report": report["classifier"]}, clf_path)
     if args.classifier_only:

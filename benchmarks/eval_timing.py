@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         y = torch.from_numpy(train_ds.labels[idx].copy())
         cells: dict[str, tuple[float, float, float, float]] = {}
         for prec in args.precisions:
-            p = proto.with_overrides(autocast_bf16=(prec == "bf16"))
+            p = proto.with_overrides(precision=prec)
             runs = [train_student(x, y, test, p, seed=args.seed + r, progress=args.progress,
                                   num_classes=test_ds.num_classes,
                                   desc=f"IPC {ipc} {prec} run {r + 1}")

@@ -5,8 +5,8 @@
 
 The `paper` profile's values (SGD lr 0.01, momentum 0.9, wd 5e-4, batch 256, DSA
 color_crop_cutout_flip_scale_rotate, lr / 10 after pass E//2+1) for E + 1 passes over the 60k images,
-bf16 autocast (as the `quick` profile), one student (seed 0), tested on the 10k test split after every
-pass. Writes benchmarks/results/full_data_<student>.json. E is chosen for the CPU budget: these are short
+precision `auto` (as the `quick` profile: bf16 autocast only on CPUs with native bf16), one student (seed 0),
+tested on the 10k test split after every pass. Writes benchmarks/results/full_data_<student>.json. E is chosen for the CPU budget: these are short
 schedules, not converged models (ConvNet-3's E = 3 figure of BENCHMARKS §3 comes from
 backbone_quality.py with the same settings).
 """
@@ -25,7 +25,8 @@ def main() -> None:
     ap.add_argument("--student", default="convnet6")
     ap.add_argument("--epochs", type=int, default=3, help="E: E + 1 passes over the training split")
     ap.add_argument("--data", default="fashion-mnist")
-    ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="precision policy (gendd.hardware)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the student (speed only)")
     ap.add_argument("--out", default=None, help="default benchmarks/results/full_data_<student>.json")
     args = ap.parse_args()
@@ -39,13 +40,13 @@ def main() -> None:
 
     train, test = get_dataset(args.data, "train"), get_dataset(args.data, "test")
     proto = get_profile("paper").with_overrides(student=args.student, epochs=args.epochs, repeats=1, eval_every=1,
-                                                autocast_bf16=not args.fp32, compile=args.compile)
+                                                precision=args.precision, compile=args.compile)
     x = normalize(train.load(range(len(train))), train.mean, train.std)
     y = torch.as_tensor(train.labels)
     t0 = time.time()
     res = train_student(x, y, prepare_test(test), proto, seed=0, progress=True, num_classes=train.num_classes)
     report = {"student": args.student, "data": args.data, "train_images": len(train), "test_split": test.split,
-              "epochs": args.epochs, "passes": args.epochs + 1, "autocast_bf16": not args.fp32,
+              "epochs": args.epochs, "passes": args.epochs + 1, "precision": res["precision"],
               "final_acc": res["final_acc"], "best_acc": res["best_acc"], "history": res["history"],
               "seconds": time.time() - t0, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "gendd": gendd.__version__, "machine": platform.machine(),

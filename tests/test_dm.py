@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import assert_close_f32
 from gendd.errors import ConfigError, NumericalError
 from gendd.evaluate.augment import DEFAULT_STRATEGY, DSAugment
 from gendd.export import distill
@@ -37,7 +38,9 @@ def test_siamese_same_seed_same_transform_for_two_batches():
         both = aug(torch.cat([a, b]), torch.Generator().manual_seed(s), siamese=True)
         sep = torch.cat([aug(a, torch.Generator().manual_seed(s), siamese=True),
                          aug(b, torch.Generator().manual_seed(s), siamese=True)])
-        torch.testing.assert_close(both, sep, rtol=1e-5, atol=1e-5)
+        # one batch of 7 vs batches of 5 and 2: float32 rounding; the longest reduction is the
+        # contrast op's per-image mean over 3 * 12 * 12 values
+        assert_close_f32(both, sep, n=3 * 12 * 12)
     assert groups == set(aug.groups)
 
 
@@ -118,6 +121,8 @@ def test_per_class_equals_joint_optimisation(toy_dataset):
         loss.backward()
         opt.step()
     joint = syn.detach()
+    # exact: each class term runs the same ops on the same batches as alone, and only reaches its own
+    # slice of syn (the other terms add exact zeros to its gradient); SGD is elementwise
     assert torch.equal(torch.cat(per_class), joint)
 
 
@@ -141,7 +146,7 @@ def test_nan_and_config_errors(toy_dataset):
         build_method("dm", iterations=-1)
     with pytest.raises(ConfigError, match="unknown DSA op"):
         build_method("dm", dsa_strategy="color_blur")
-    with pytest.raises(ConfigError, match="unknown net"):
+    with pytest.raises(ConfigError, match="net must be one of 'convnet3', .*got 'resnet'"):
         build_method("dm", net="resnet")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA device"):

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close_f32
 
 from gendd.data.base import ImageDataset
 from gendd.errors import ConfigError, DataError, NumericalError
@@ -118,14 +119,17 @@ def test_dsa_op_shape_seed_grad_and_per_sample(op):
 def test_dsa_op_identity_at_zero_strength(op, zero):
     x = torch.randn(4, 3, 16, 16)
     out = op(x, DSAParams(**zero), 4, _g())
-    torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
+    # scale/rotate resample through affine_grid + grid_sample: float32 grid coordinates are off by
+    # ~eps * 16 px, which mixes in neighbours (differences up to 2 max|x|)
+    assert_close_f32(out, x, n=16, scale=2 * float(x.abs().max()))
 
 
 def test_saturation_identity_on_grey_and_contrast_keeps_mean():
     x = torch.randn(4, 1, 16, 16)
     torch.testing.assert_close(A.rand_saturation(x, DSAParams(), 4, _g()), x)
     y = A.rand_contrast(x, DSAParams(), 4, _g())
-    torch.testing.assert_close(y.mean(dim=(1, 2, 3)), x.mean(dim=(1, 2, 3)), atol=1e-5, rtol=0)
+    # float32 means over 16 * 16 pixels of values below 2 max|x| (contrast factors up to 1.5)
+    assert_close_f32(y.mean(dim=(1, 2, 3)), x.mean(dim=(1, 2, 3)), n=16 * 16, scale=2 * float(x.abs().max()))
 
 
 def test_flip_really_flips():
@@ -199,12 +203,12 @@ def test_protocol_defaults_and_profiles():
     p = PROFILES["paper"]
     assert (p.epochs, p.lr, p.momentum, p.weight_decay, p.batch_size) == (1000, 0.01, 0.9, 5e-4, 256)
     assert p.decay_epoch == 501 and p.eval_interval == 200 and p.student == "convnet3"
-    assert not p.autocast_bf16 and p.repeats == 5  # the reference: fp32, 5 students
+    assert p.precision == "fp32" and p.repeats == 5  # the reference: fp32, 5 students
     assert DSAProtocol().eval_interval == 100  # default: about 10 evaluations
     assert p.dsa_strategy == "color_crop_cutout_flip_scale_rotate" and p.name == "dsa"
     assert p.lr_at(501) == 0.01 and p.lr_at(502) == pytest.approx(0.001)
     q = PROFILES["quick"]
-    assert (q.epochs, q.repeats, q.decay_epoch, q.autocast_bf16) == (300, 3, 151, True)
+    assert (q.epochs, q.repeats, q.decay_epoch, q.precision) == (300, 3, 151, "auto")
     with pytest.raises(ConfigError):
         DSAProtocol(lr=-1.0)
 

@@ -131,11 +131,11 @@ def test_flip_spec_and_mode_pool(toy_dataset, tiny_bb, tmp_path):
 
 
 def test_config_errors():
-    with pytest.raises(ConfigError, match="unknown mode method 'kmedoids'"):
+    with pytest.raises(ConfigError, match="mode_method must be one of 'kmeans', .*got 'kmedoids'"):
         build_method("mgd3", mode_method="kmedoids")
     with pytest.raises(ConfigError, match="stop_step must be >= 0"):
         build_method("mgd3", stop_step=-1)
-    with pytest.raises(ConfigError, match="unknown guidance_form"):
+    with pytest.raises(ConfigError, match="guidance_form must be one of 'mean', 'eps', 'auto', got 'x0'"):
         build_method("mgd3", guidance_form="x0")
     with pytest.raises(ConfigError, match="needs the latent cache"):
         distill(build_method("mgd3"), make_dataset(), 1, "/nonexistent", backbone=object(), progress=False)

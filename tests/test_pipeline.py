@@ -86,16 +86,19 @@ def test_parse_options():
 
 @pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").exists(),
                     reason="dataset-fashion-mnist not installed")
-def test_main_job_end_to_end_tiny_profile(tmp_path):
+def test_main_job_end_to_end_tiny_profile(tmp_path, capsys):
     """The README's main job on the shipped backbone, with a 1-epoch profile and 100 test images; the
-    two evaluations run in two processes."""
+    students run in two processes and each prints one line when it finishes."""
     from gendd.pipeline import main_job
 
     over = {"epochs": 1, "repeats": 2, "test_limit": 100}
-    rows = main_job(tmp_path, methods=("random", "dit"), ipc=1, profile="quick", progress=False, workers=2,
+    rows = main_job(tmp_path, methods=("random", "dit"), ipc=1, profile="quick", progress=True, workers=2,
                     overrides=over)
     assert [r["method"] for r in rows] == ["random", "dit"]
-    assert all(r["num_runs"] == 2 and r["test_size"] == 100 for r in rows)
+    assert all(r["n"] == 2 and r["precision"] in ("fp32", "bf16") for r in rows)
     table = (tmp_path / "results.md").read_text()
-    assert "| random | 1 |" in table and "| dit | 1 |" in table
-    assert len(list((tmp_path / "dit-ipc1").glob("*/0.png"))) == 10
+    assert "| random | 1 | convnet3 | quick |" in table and "| dit | 1 | convnet3 | quick |" in table
+    assert len(list((tmp_path / "sets" / "dit-ipc1").glob("*/0.png"))) == 10
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if " student " in ln and "final" in ln]
+    assert len(lines) == 4 and sum("left" in ln for ln in lines) == 3
+    assert any("dit-ipc1 quick convnet3 student 2/2: final" in ln for ln in lines)

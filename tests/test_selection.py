@@ -69,7 +69,7 @@ def test_no_duplicates_and_too_many(fn):
 
 
 def test_config_errors():
-    with pytest.raises(ConfigError, match="not available yet"):
+    with pytest.raises(ConfigError, match="feature_space must be one of 'latent', 'pixel', got 'teacher'"):
         build_method("herding", feature_space="teacher")
     with pytest.raises(ConfigError, match="feature_space must be one of"):
         build_method("kcenter", feature_space="pixels")

@@ -81,6 +81,7 @@ def test_convnet3_unchanged():
     assert list(got) == list(ref)
     assert all(torch.equal(got[n], ref[n]) for n in ref)
     x = torch.randn(2, 3, 32, 32)
+    # bitwise: the same layers with the same weights on the same batch run the same kernels
     assert torch.equal(net(x), ref_classifier(ref_features(x).flatten(1)))
     # 1-channel 28 px: first conv pads 3 (28 -> 32), same 128 x 4 x 4 map
     assert build_student("convnet3", 1, 10, 28).feature_shape == (128, 4, 4)

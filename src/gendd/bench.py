@@ -75,9 +75,11 @@ import subprocess
 import time
 import tomllib
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from gendd.config import Validated, check
 from gendd.errors import ConfigError, DataError, GenddError
 from gendd.pipeline import evaluation_done_seeds, run_distill, run_evaluate
 
@@ -104,49 +106,56 @@ class ProtocolSpec:
     overrides: dict[str, Any]
 
 
-def _as_list(value: Any, typ: type, key: str) -> list:
-    items = value if isinstance(value, list) else [value]
-    for v in items:
-        if not isinstance(v, typ) or isinstance(v, bool) and typ is not bool:
-            raise ConfigError(f"bench config: {key} must be a {typ.__name__} or a list of them, got {v!r}")
-    return list(items)
+def _as_list(value: Any) -> list:
+    """A TOML scalar as a one-item list (``ipc = 10`` is ``ipc = [10]``); the field checks do the rest."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _dataset_names() -> tuple[str, ...]:
+    from gendd.data import DATASET_NAMES
+
+    return DATASET_NAMES
+
+
+_PATH = (str, os.PathLike)
+_NAMES = check(list, min_length=1, items=check(str))
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(Validated):
     """A benchmark grid; see the module docstring for the TOML schema. Validated on construction."""
 
-    methods: list[str]
-    ipc: list[int]
-    students: list[str] = field(default_factory=lambda: ["convnet3"])
-    protocols: list[str] = field(default_factory=lambda: ["quick"])
-    repeats: int | None = None
-    name: str = "bench"
-    out: str | None = None
-    data: str = "fashion-mnist"
-    data_root: str | None = None
-    backbone: str | None = None
-    vae: str | None = None
-    cache_dir: str | None = None
-    seed: int = 0
-    method: dict[str, dict[str, Any]] = field(default_factory=dict)
-    protocol: dict[str, dict[str, Any]] = field(default_factory=dict)
-    workers: int = 1
-    threads: int = 1
-    compile: bool = False
-    metrics: bool = False
-    metrics_real_per_class: int = 1000
-    metrics_k: int = 5
-    metrics_teacher: str | None = None
-    tsne_real_per_class: int = 300
-    real_images_per_class: int = 10
-    baseline: str = "random"
-    real_accuracy: dict[str, float] = field(default_factory=dict)
-    ars_protocols: list[str] = field(default_factory=list)
-    score_weight: float = 0.5
+    config_what: ClassVar[str] = "bench config"
 
-    def __post_init__(self) -> None:
-        self.validate()
+    methods: list[str] = field(metadata=_NAMES)
+    ipc: list[int] = field(metadata=check(list, min_length=1, items=check(Integral, ge=1)))
+    students: list[str] = field(default_factory=lambda: ["convnet3"], metadata=_NAMES)
+    protocols: list[str] = field(default_factory=lambda: ["quick"], metadata=_NAMES)
+    repeats: int | None = field(default=None, metadata=check(Integral, ge=1, optional=True))
+    name: str = field(default="bench", metadata=check(str, min_length=1))
+    out: str | None = field(default=None, metadata=check(*_PATH, optional=True))
+    data: str = field(default="fashion-mnist", metadata=check(choices=_dataset_names))
+    data_root: str | None = field(default=None, metadata=check(*_PATH, optional=True))
+    backbone: str | None = field(default=None, metadata=check(*_PATH, optional=True))
+    vae: str | None = field(default=None, metadata=check(*_PATH, optional=True))
+    cache_dir: str | None = field(default=None, metadata=check(*_PATH, optional=True))
+    seed: int = field(default=0, metadata=check(Integral))
+    method: dict[str, dict[str, Any]] = field(default_factory=dict, metadata=check(dict, items=check(dict)))
+    protocol: dict[str, dict[str, Any]] = field(default_factory=dict, metadata=check(dict, items=check(dict)))
+    workers: int = field(default=1, metadata=check(Integral, ge=1))
+    threads: int = field(default=1, metadata=check(Integral, ge=1))
+    compile: bool = field(default=False, metadata=check(bool))
+    metrics: bool = field(default=False, metadata=check(bool))
+    metrics_real_per_class: int = field(default=1000, metadata=check(Integral, ge=2))
+    metrics_k: int = field(default=5, metadata=check(Integral, ge=1))
+    metrics_teacher: str | None = field(default=None, metadata=check(*_PATH, optional=True, min_length=1))
+    tsne_real_per_class: int = field(default=300, metadata=check(Integral, ge=2))
+    real_images_per_class: int = field(default=10, metadata=check(Integral, ge=2))
+    baseline: str = field(default="random", metadata=check(str))
+    real_accuracy: dict[str, float] = field(default_factory=dict,
+                                            metadata=check(dict, items=check(Real, ge=0, le=100)))
+    ars_protocols: list[str] = field(default_factory=list, metadata=check(list, items=check(str)))
+    score_weight: float = field(default=0.5, metadata=check(Real, ge=0, le=1))
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -159,11 +168,9 @@ class BenchConfig:
             if req not in d:
                 raise ConfigError(f"bench config needs {req!r} (e.g. methods = [\"random\", \"dit\"], ipc = [1, 10])")
         d = dict(d)
-        d["methods"] = _as_list(d["methods"], str, "methods")
-        d["ipc"] = _as_list(d["ipc"], int, "ipc")
-        for key in ("students", "protocols", "ars_protocols"):
+        for key in ("methods", "ipc", "students", "protocols", "ars_protocols"):
             if key in d:
-                d[key] = _as_list(d[key], str, key)
+                d[key] = _as_list(d[key])
         return cls(**d)
 
     @classmethod
@@ -179,37 +186,30 @@ class BenchConfig:
         return cls.from_dict(raw)
 
     # ------------------------------------------------------------------ validation
-    def validate(self) -> None:
-        from gendd.data import DATASET_NAMES
+    def _check_fields(self) -> None:
+        """The rules between fields and against the registries (types and ranges are the fields' checks)."""
         from gendd.evaluate import PROFILES, STUDENTS
         from gendd.methods import build_method, get_method
         from gendd.pipeline import default_backbone_for
 
         def need(ok: bool, msg: str) -> None:
             if not ok:
-                raise ConfigError(f"bench config: {msg}")
+                raise ConfigError(msg)
 
-        need(bool(self.methods), "methods is empty")
         need(len(set(self.methods)) == len(self.methods), f"methods has duplicates: {self.methods}")
-        need(bool(self.ipc) and all(isinstance(i, int) and i >= 1 for i in self.ipc),
-             f"ipc must be positive integers, got {self.ipc}")
         need(len(set(self.ipc)) == len(self.ipc), f"ipc has duplicates: {self.ipc}")
-        need(self.data in DATASET_NAMES, f"unknown dataset {self.data!r}; known: {', '.join(DATASET_NAMES)}")
         for label in self.methods:
             need(bool(_LABEL.match(label)), f"method label {label!r} must be letters, digits, _ . + -")
-        for key, table in (("method", self.method), ("protocol", self.protocol)):
-            need(isinstance(table, dict) and all(isinstance(v, dict) for v in table.values()),
-                 f"[{key}.<name>] entries must be tables")
         for spec in self.method_specs():
             try:
                 get_method(spec.method)
                 build_method(spec.method, **{"seed": self.seed, **spec.options})
-            except GenddError as err:
-                raise ConfigError(f"bench config: method {spec.label!r}: {err}") from None
-        need(bool(self.students), "students is empty")
+            except GenddError as err:  # named by its label, once
+                msg = str(err)
+                raise ConfigError(msg if msg.startswith(f"method {spec.label!r}") else
+                                  f"method {spec.label!r}: {msg}") from None
         for s in self.students:
             need(s in STUDENTS, f"unknown student {s!r}; choose one of {sorted(STUDENTS)}")
-        need(bool(self.protocols), "protocols is empty")
         need(len(set(self.protocols)) == len(self.protocols), f"protocols has duplicates: {self.protocols}")
         for name in self.protocols:
             need(bool(_LABEL.match(name)), f"protocol name {name!r} must be letters, digits, _ . + -")
@@ -227,25 +227,11 @@ class BenchConfig:
             try:
                 PROFILES[spec.profile].with_overrides(**spec.overrides)
             except GenddError as err:
-                raise ConfigError(f"bench config: protocol {spec.name!r}: {err}") from None
-        need(self.repeats is None or (isinstance(self.repeats, int) and self.repeats >= 1),
-             f"repeats must be >= 1, got {self.repeats}")
-        need(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
-        need(isinstance(self.workers, int) and self.workers >= 1, f"workers must be >= 1, got {self.workers}")
-        need(isinstance(self.threads, int) and self.threads >= 1, f"threads must be >= 1, got {self.threads}")
-        for key in ("metrics_real_per_class", "tsne_real_per_class", "real_images_per_class"):
-            need(isinstance(getattr(self, key), int) and getattr(self, key) >= 2, f"{key} must be >= 2")
-        need(isinstance(self.metrics_k, int) and self.metrics_k >= 1, "metrics_k must be >= 1")
-        need(0.0 <= self.score_weight <= 1.0, f"score_weight must be in [0, 1], got {self.score_weight}")
-        need(isinstance(self.metrics, bool), f"metrics must be true or false, got {self.metrics!r}")
-        need(self.metrics_teacher is None or (isinstance(self.metrics_teacher, str) and self.metrics_teacher != ""),
-             f"metrics_teacher must be the path of a teacher checkpoint, got {self.metrics_teacher!r}")
-        need(isinstance(self.real_accuracy, dict) and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.real_accuracy.values()),
-            f"real_accuracy must map student names to accuracies in %, got {self.real_accuracy!r}")
+                raise ConfigError(f"protocol {spec.name!r}: {err}") from None
         bad = sorted(set(self.real_accuracy) - set(self.students))
         need(not bad, f"real_accuracy names students not in the grid: {bad}")
-        need(not self.ars_protocols or (len(self.ars_protocols) == 2 and set(self.ars_protocols) <= set(self.protocols)),
+        need(not self.ars_protocols
+             or (len(self.ars_protocols) == 2 and set(self.ars_protocols) <= set(self.protocols)),
              f"ars_protocols must be two protocols of the grid [with_aug, without_aug], got {self.ars_protocols}")
         need(not self.metrics or self.backbone is not None or default_backbone_for(self.data) is not None,
              f"metrics = true needs a backbone (VAE) for dataset {self.data!r}: set backbone = \"...\"")
@@ -291,6 +277,7 @@ class EvalCell:
     protocol: str
     student: str
     seed: int
+    repeats: int = 1
 
     @property
     def set_name(self) -> str:
@@ -353,11 +340,21 @@ def _eval_cell_worker(job: dict) -> dict:
     """Process-pool entry: train one student (one evaluation cell) with ``threads`` torch threads."""
     import torch
 
+    from gendd.hardware import tune_allocator
+
+    tune_allocator()
     torch.set_num_threads(job["threads"])
     t0 = time.time()
-    run_evaluate(job["folder"], data=job["data"], data_root=job["data_root"], profile=job["profile"],
-                 overrides=job["overrides"], seeds=[job["seed"]], progress=False, compile=job.get("compile") or None)
-    return {"cell": job["cell"], "seconds": time.time() - t0}
+    summary = run_evaluate(job["folder"], data=job["data"], data_root=job["data_root"], profile=job["profile"],
+                           overrides=job["overrides"], seeds=[job["seed"]], progress=False,
+                           compile=job.get("compile") or None)
+    run = next(r for r in summary["runs"] if r["seed"] == job["seed"])
+    return {"cell": job["cell"], "seconds": time.time() - t0, "final_acc": run["final_acc"],
+            "best_acc": run["best_acc"], "precision": run.get("precision", "?")}
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 def _log(progress: bool, msg: str) -> None:
@@ -418,7 +415,7 @@ def run_bench(cfg: BenchConfig, out: str | os.PathLike | None = None, *, workers
                                      overrides=over)
         for seed in range(over["repeats"]):
             if seed not in done:
-                cell = EvalCell(spec.label, ipc, proto.name, student, seed)
+                cell = EvalCell(spec.label, ipc, proto.name, student, seed, over["repeats"])
                 jobs.append({"cell": cell, "folder": str(folder), "data": cfg.data, "data_root": data_root,
                              "profile": proto.profile, "overrides": over, "seed": seed, "threads": cfg.threads,
                              "compile": cfg.compile})
@@ -441,10 +438,15 @@ def _run_jobs(jobs: list[dict], workers: int, progress: bool) -> None:
     no new cell starts; cells in flight finish (their students are saved), then the error is raised."""
     import torch
 
+    seconds: list[float] = []
+
     def report(k: int, res: dict) -> None:
         c = res["cell"]
-        _log(progress, f"  [{k}/{len(jobs)}] {c.set_name} {c.protocol} {c.student} seed {c.seed}: "
-                       f"{res['seconds']:.1f} s")
+        seconds.append(res["seconds"])
+        left = (len(jobs) - k) * sum(seconds) / len(seconds) / max(1, min(workers, len(jobs) - k))
+        _log(progress, f"  [{k}/{len(jobs)}] {c.set_name} {c.protocol} {c.student} student {c.seed + 1}/{c.repeats}: "
+                       f"final {res['final_acc']:.2f} % (best {res['best_acc']:.2f}), {res['precision']}, "
+                       f"{res['seconds']:.0f} s" + (f" | about {_duration(left)} left" if k < len(jobs) else ""))
 
     if not jobs:
         return
@@ -673,12 +675,13 @@ def collect_rows(cfg: BenchConfig, out: Path, groups, t_distill: dict[str, float
         except DataError:  # no student trained yet
             s = {"final_mean": float("nan"), "final_std": float("nan"), "best_mean": float("nan"),
                  "best_std": float("nan"), "num_runs": 0, "seconds_per_run": float("nan"),
-                 "protocol": {"epochs": None}}
+                 "protocol": {"epochs": None}, "precision": ""}
         row = {"method": spec.label, "method_name": spec.method, "ipc": ipc, "student": student,
                "protocol": proto.name, "profile": proto.profile, "epochs": s["protocol"].get("epochs"),
                "final_mean": s["final_mean"], "final_std": s["final_std"], "best_mean": s["best_mean"],
                "best_std": s["best_std"], "n": s["num_runs"], "repeats": over["repeats"],
-               "seconds_per_student": s["seconds_per_run"], "distill_seconds": t_distill.get(folder.name),
+               "seconds_per_student": s["seconds_per_run"], "precision": s.get("precision", ""),
+               "distill_seconds": t_distill.get(folder.name),
                "set": f"sets/{folder.name}", "git_rev": rev, "config_hash": chash}
         if cfg.metrics:
             m = set_metric.get(folder.name, {})
@@ -745,7 +748,7 @@ MD_TEACHER_METRICS = (("teacher_fd", "FD(T)", 1), ("teacher_coverage", "C(T)", 2
 
 
 def results_markdown(rows: list[dict], rev: str, chash: str, metrics: bool, teacher: bool = False) -> str:
-    head = ["method", "IPC", "student", "protocol", "final acc %", "best acc %", "n", "s/student"]
+    head = ["method", "IPC", "student", "protocol", "final acc %", "best acc %", "n", "s/student", "precision"]
     extra = [k for k in ("ior", "lrs", "ars") if any(k in r for r in rows)]
     head += [{"ior": "IOR (pts)", "lrs": "LRS", "ars": "ARS"}[k] for k in extra]
     if metrics:
@@ -757,7 +760,7 @@ def results_markdown(rows: list[dict], rev: str, chash: str, metrics: bool, teac
     for r in rows:
         cells = [r["method"], str(r["ipc"]), r["student"], r["protocol"],
                  f"{_fmt(r['final_mean'])} ± {_fmt(r['final_std'])}", f"{_fmt(r['best_mean'])} ± {_fmt(r['best_std'])}",
-                 f"{r['n']}/{r['repeats']}", _fmt(r["seconds_per_student"], 1)]
+                 f"{r['n']}/{r['repeats']}", _fmt(r["seconds_per_student"], 1), r.get("precision", "")]
         cells += [_fmt(r.get(k), 2 if k == "ior" else 3) for k in extra]
         if metrics:
             cells += [_fmt(r.get(k), d) for k, _, d in MD_METRICS]

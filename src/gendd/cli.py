@@ -36,12 +36,16 @@ def teacher_train(
 ) -> None:
     """Train a teacher on a dataset's real training split (resumable) and save <out>/teacher.pt."""
     from gendd.data import get_dataset
+    from gendd.errors import ConfigError
+    from gendd.evaluate.students import STUDENTS
     from gendd.evaluate.teacher import TeacherConfig, train_teacher
 
+    cfg = TeacherConfig(epochs=epochs, batch_size=batch_size, lr=lr)  # checked before any data is read
+    if student not in STUDENTS:
+        raise ConfigError(f"unknown student {student!r}; choose one of {sorted(STUDENTS)}")
     train = get_dataset(data, "train", root=data_root)
     test = get_dataset(data, "test", root=data_root)
-    t = train_teacher(train, test, student, TeacherConfig(epochs=epochs, batch_size=batch_size, lr=lr), out,
-                      progress=not quiet)
+    t = train_teacher(train, test, student, cfg, out, progress=not quiet)
     acc = "n/a" if t.test_acc is None else f"{t.test_acc:.2f}%"
     typer.echo(f"teacher {student} ({test.split} accuracy {acc}) -> {t.path}")
 
@@ -66,10 +70,10 @@ def backbone_train(
     from gendd.backbone.train import BackboneTrainConfig, train_backbone
     from gendd.data import get_dataset
 
-    ds = get_dataset(data, "train", root=data_root)
     cfg = BackboneTrainConfig(image_size=image_size, vae_steps=vae_steps, dit_steps=dit_steps,
                               dit_layers=dit_layers, dit_hidden=dit_hidden, dit_heads=dit_heads,
                               default_cfg_scale=cfg_scale, checkpoint_every=checkpoint_every, seed=seed)
+    ds = get_dataset(data, "train", root=data_root)
     train_backbone(ds, out, cfg, progress=not quiet)
     typer.echo(f"backbone written to {out}")
 
@@ -204,13 +208,14 @@ def evaluate_cmd(
     student: Optional[str] = typer.Option(None, help="Override the profile's student network."),
     teacher: Optional[Path] = typer.Option(None, help="Teacher checkpoint for soft-label profiles (teacher.pt, "
                                            "its folder, or a torchvision ResNet-18 state_dict)."),
-    bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="Override bf16 autocast."),
+    precision: Optional[str] = typer.Option(None, help="Override the profile's precision policy: auto (bf16 "
+                                            "autocast only where the hardware has native bf16), fp32 or bf16."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """Train students on a distilled set under a protocol profile and test on the real test split."""
     from gendd.pipeline import format_row, run_evaluate
 
-    overrides = {k: v for k, v in {"epochs": epochs, "repeats": repeats, "autocast_bf16": bf16,
+    overrides = {k: v for k, v in {"epochs": epochs, "repeats": repeats, "precision": precision,
                                    "student": student,
                                    "teacher": None if teacher is None else str(teacher)}.items()
                  if v is not None}
@@ -244,14 +249,13 @@ def finetune_cmd(
     spec = backbone or default_backbone_for(data)
     if spec is None:
         raise typer.BadParameter("--backbone is required for this dataset")
-    from gendd.config import make_config
-
     from gendd.backbone.backbone import read_finetune_defaults
+    from gendd.config import build_config
     from gendd.pipeline import backbone_folder
 
     # the folder's gendd_finetune.json, read without loading the model: bad options fail before any loading
     defaults = {k: v for k, v in read_finetune_defaults(backbone_folder(spec)).items() if k != "eviction"}
-    cfg = make_config(FinetuneConfig, {"eviction": eviction, **defaults, **parse_options(option)}, "finetune")
+    cfg = build_config(FinetuneConfig, {"eviction": eviction, **defaults, **parse_options(option)}, "finetune")
     ds = get_dataset(data, "train", root=data_root)
     finetune_dataset(ds, resolve_backbone(spec, vae), out, cfg, cache_dir=cache_dir, progress=not quiet)
     typer.echo(f"fine-tuned backbone written to {out}")
@@ -269,31 +273,58 @@ def d3hr_regenerate_cmd(
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """Regenerate a D3HR distilled set from its stored per-class statistics and the backbone alone."""
+    from gendd.config import build_config
+    from gendd.errors import DataError
+    from gendd.export import check_ipc
     from gendd.methods.d3hr import D3HRConfig, regenerate_from_statistics
     from gendd.pipeline import parse_options, resolve_backbone
 
-    from gendd.config import make_config
-
-    cfg = make_config(D3HRConfig, {"seed": seed, **parse_options(option)}, "d3hr")
+    cfg = build_config(D3HRConfig, {"seed": seed, **parse_options(option)}, "method 'd3hr'")
+    check_ipc(ipc)
+    if not statistics.exists():
+        raise DataError(f"statistics folder {statistics} does not exist; pass a d3hr output folder")
     regenerate_from_statistics(statistics, resolve_backbone(backbone, vae), ipc, out, seed=seed, config=cfg,
                                progress=not quiet)
     typer.echo(f"regenerated {ipc} images per class -> {out}")
 
 
+def _check_run_args(methods: list[str], ipc: int, profile: str, workers: int | None) -> None:
+    """`gendd run`'s arguments, checked before anything is distilled."""
+    from gendd.errors import ConfigError
+    from gendd.evaluate import get_profile
+    from gendd.export import check_ipc
+    from gendd.methods import build_method
+
+    if not methods:
+        raise ConfigError("--methods is empty; pass e.g. --methods random,dit")
+    for m in methods:
+        build_method(m)
+    check_ipc(ipc)
+    get_profile(profile)
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+
+
 @app.command("run")
 def run_cmd(
-    out: Path = typer.Option(Path("runs/main"), help="Output folder."),
+    out: Path = typer.Option(Path("runs/main"), help="Output folder (a `gendd bench` folder; re-run to resume)."),
     ipc: int = typer.Option(10, help="Images per class."),
-    methods: str = typer.Option("random,dit", help="Comma-separated methods."),
-    profile: str = typer.Option("quick", help="Evaluation profile."),
-    quiet: bool = typer.Option(False, help="No progress bars."),
+    methods: str = typer.Option("random,dit,mgd3", help="Comma-separated methods."),
+    profile: str = typer.Option("demo", help="Evaluation profile: demo (100 epochs x 2 students, minutes on a "
+                                "laptop CPU), quick (300 x 3) or paper (1000 x 5)."),
+    workers: Optional[int] = typer.Option(None, help="Evaluation processes (default: one per CPU core)."),
+    quiet: bool = typer.Option(False, help="No progress output."),
 ) -> None:
-    """Main job: distil Fashion-MNIST with each method, evaluate each, print a table."""
+    """Main job: distil Fashion-MNIST with each method, evaluate each set, print the table."""
     from gendd.pipeline import main_job
 
-    main_job(out, methods=tuple(m.strip() for m in methods.split(",") if m.strip()), ipc=ipc,
-             profile=profile, progress=not quiet)
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    _check_run_args(names, ipc, profile, workers)
+    main_job(out, methods=tuple(names), ipc=ipc, profile=profile, workers=workers, progress=not quiet)
     typer.echo((out / "results.md").read_text())
+    if profile == "demo":
+        typer.echo(f"demo profile: 100 epochs x 2 students. The full evaluation of the same sets: "
+                   f"gendd run --profile quick --methods {','.join(names)} --ipc {ipc} --out {out}")
 
 
 @app.command("bench")
@@ -308,8 +339,11 @@ def bench_cmd(
     """Run a benchmark grid (resumable): distil each (method, IPC) once, train every student once, write
     results.md / results.csv / results.json (see gendd.bench for the TOML schema)."""
     from gendd.bench import BenchConfig, run_bench
+    from gendd.errors import ConfigError
 
-    cfg = BenchConfig.from_toml(config)
+    cfg = BenchConfig.from_toml(config)  # validated: nothing runs on a bad grid
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
     folder = Path(out or cfg.out or Path("runs/bench") / cfg.name)
     run_bench(cfg, folder, workers=workers, progress=not quiet, collect_only=collect_only)
     typer.echo((folder / "results.md").read_text())
@@ -330,6 +364,9 @@ def report_cmd(
 
 def main() -> None:
     """Entry point: GenddError -> one line on stderr, exit status 2."""
+    from gendd.hardware import tune_allocator
+
+    tune_allocator()
     try:
         app()
     except GenddError as err:

@@ -20,6 +20,7 @@ import os
 import platform
 import shutil
 import time
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from gendd.data.base import ImageDataset, to_uint8
-from gendd.errors import ConfigError, DataError
+from gendd.errors import ConfigError, DataError, GenddError
 from gendd.methods.base import ClassContext, Method, seed_for
 
 MANIFEST = "manifest.json"
@@ -80,6 +81,13 @@ def save_grid(images: torch.Tensor, nrow: int, path: str | os.PathLike, pad: int
     save_png(grid, Path(path))
 
 
+def check_ipc(ipc: Any) -> int:
+    """``ipc`` if it is an integer >= 1, else ConfigError (checked before any data is read)."""
+    if isinstance(ipc, bool) or not isinstance(ipc, Integral) or ipc < 1:
+        raise ConfigError(f"IPC must be an integer >= 1, got {ipc!r}")
+    return int(ipc)
+
+
 def _run_identity(method: Method, dataset: ImageDataset, ipc: int, backbone) -> dict[str, Any]:
     """What must match for a re-run to resume into the same folder."""
     return {"method": method.name, "config": dataclasses.asdict(method.config), "ipc": ipc,
@@ -99,10 +107,12 @@ def distill(method: Method, dataset: ImageDataset, ipc: int, out: str | os.PathL
             completes the same folder.
         overwrite: delete an existing folder of a different run instead of refusing.
 
+    A user error (GenddError) after this call created ``out`` removes ``out`` again; a folder that existed
+    before (a resumed run) keeps its finished classes. An interruption (Ctrl-C) keeps them too, to resume.
+
     Returns the manifest dict.
     """
-    if ipc < 1:
-        raise ConfigError(f"IPC must be >= 1, got {ipc}")
+    ipc = check_ipc(ipc)
     if method.needs_backbone and backbone is None:
         raise ConfigError(f"method {method.name!r} needs a backbone (--backbone)")
     if method.needs_cache and cache is None:
@@ -123,12 +133,28 @@ def distill(method: Method, dataset: ImageDataset, ipc: int, out: str | os.PathL
                 raise ConfigError(f"{out} holds a different distillation run; choose another --out "
                                   "or pass --overwrite")
             shutil.rmtree(out)
+    created = not out.exists()
+    try:
+        return _export(method, dataset, ipc, out, identity, classes, backbone, cache, progress)
+    except GenddError:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _export(method: Method, dataset: ImageDataset, ipc: int, out: Path, identity: dict, classes: list[int],
+            backbone, cache, progress: bool) -> dict[str, Any]:
+    """The class loop of :func:`distill` (arguments checked there)."""
+    mpath = out / MANIFEST
     out.mkdir(parents=True, exist_ok=True)
     (out / "latents").mkdir(exist_ok=True)
     manifest = json.loads(mpath.read_text()) if mpath.exists() else {
         **identity, "seed_rule": "class generator seed = (seed * 1000003 + class index) mod 2**63",
         "versions": package_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "classes_done": {}, "files": {}}
+    # where the data was read (not part of the run's identity: a moved copy of the same data resumes);
+    # `gendd evaluate` finds the test split there without --data-root
+    manifest["dataset_root"] = dataset.root
     for stale in out.glob(".partial-*"):  # left by an interrupted run
         shutil.rmtree(stale)
     todo = [c for c in classes if not (out / dataset.classes[c]).is_dir()]

@@ -66,19 +66,24 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
 def run_distill(method_name: str, data: str, ipc: int, out: str | os.PathLike, *, data_root=None,
                 backbone: str | None = None, vae: str | None = None, options: dict | None = None,
                 cache_dir=None, progress: bool = True, overwrite: bool = False) -> dict:
-    """Build everything a method needs and export its distilled set to ``out``."""
-    from gendd.data import get_dataset
-    from gendd.export import distill
+    """Build everything a method needs and export its distilled set to ``out``.
+
+    The method's options, the IPC and the dataset name are validated before any data or model is read
+    and before ``out`` is created; a user error later removes an ``out`` this call created."""
+    from gendd.data import DATASET_NAMES, get_dataset
+    from gendd.export import check_ipc, distill
     from gendd.methods import build_method
 
     method = build_method(method_name, **(options or {}))
-    ds = get_dataset(data, "train", root=data_root)
-    bb = None
+    ipc = check_ipc(ipc)
+    if data not in DATASET_NAMES:
+        raise ConfigError(f"unknown dataset {data!r}; known: {', '.join(DATASET_NAMES)}")
     spec = backbone or default_backbone_for(data)
-    if method.needs_backbone or method.needs_cache or backbone is not None:
-        if spec is None:
-            raise ConfigError(f"method {method_name!r} needs --backbone for dataset {data!r}")
-        bb = resolve_backbone(spec, vae)
+    wants_backbone = method.needs_backbone or method.needs_cache or backbone is not None
+    if wants_backbone and spec is None:
+        raise ConfigError(f"method {method_name!r} needs --backbone for dataset {data!r}")
+    ds = get_dataset(data, "train", root=data_root)
+    bb = resolve_backbone(spec, vae) if wants_backbone else None
     cache = None
     if method.needs_cache:
         from gendd.cache import LatentCache
@@ -90,12 +95,47 @@ def run_distill(method_name: str, data: str, ipc: int, out: str | os.PathLike, *
 
 
 def summarize_runs(runs: list[dict]) -> dict[str, float]:
-    """Mean ± population std (ddof 0, as the DC/DSA reference) of final and best accuracy over students."""
+    """Mean ± population std (ddof 0, as the DC/DSA reference) of final and best accuracy over students,
+    and the precision they ran at (``"mixed: ..."`` when students of one protocol ran at different ones)."""
+    from gendd.hardware import precision_label
+
     final = np.array([r["final_acc"] for r in runs])
     best = np.array([r["best_acc"] for r in runs])
     return {"final_mean": float(final.mean()), "final_std": float(final.std()),
             "best_mean": float(best.mean()), "best_std": float(best.std()), "num_runs": len(runs),
-            "seconds_per_run": float(np.mean([r["seconds"] for r in runs]))}
+            "seconds_per_run": float(np.mean([r["seconds"] for r in runs])),
+            "precision": precision_label([r.get("precision", "unrecorded") for r in runs])}
+
+
+def recorded_data_root(folder: Path, manifest: dict, data: str) -> str | None:
+    """The dataset folder ``folder`` was distilled from (its manifest's ``dataset_root``), checked.
+
+    None when the manifest records none or is of another dataset than ``data``, and for Fashion-MNIST
+    when the recorded folder is its default one or is gone (its files have a default place). The check
+    compares the fingerprint of the train split found there with the one recorded at distillation; the
+    test split was not fingerprinted then. For an ImageFolder that is a walk over file names and sizes (no
+    image is decoded), small next to any evaluation.
+
+    Raises:
+        DataError: the recorded folder no longer exists, or holds other data than at distillation.
+    """
+    from gendd.data import get_dataset
+    from gendd.data.fashion_mnist import default_root
+
+    root, recorded = manifest.get("dataset_root"), manifest.get("dataset", {})
+    if root is None or recorded.get("name") != data:
+        return None
+    if data == "fashion-mnist" and (not Path(root).is_dir() or Path(root) == default_root().resolve()):
+        return None
+    if not Path(root).is_dir():
+        raise DataError(f"{folder} was distilled from {root}, which no longer exists; pass --data-root "
+                        f"with the {data} folder")
+    found = get_dataset(data, "train", root=root).fingerprint()
+    if found != recorded.get("fingerprint"):
+        raise DataError(f"the {data} data in {root} changed since {folder} was distilled (train split "
+                        f"fingerprint {found}, recorded {recorded.get('fingerprint')}); pass --data-root "
+                        "with the data it was distilled from")
+    return root
 
 
 def _evaluation_setup(folder, data, data_root, profile, overrides, compile):
@@ -114,11 +154,13 @@ def _evaluation_setup(folder, data, data_root, profile, overrides, compile):
     data = data or manifest.get("dataset", {}).get("name")
     if data is None:
         raise ConfigError(f"{folder} has no manifest.json; pass --data")
-    protocol = get_profile(profile)
+    protocol = get_profile(profile)  # a bad profile or override fails before any data is read
     if overrides:
         protocol = protocol.with_overrides(**overrides)
     if compile is not None:
         protocol = protocol.with_overrides(compile=compile)
+    if data_root is None:
+        data_root = recorded_data_root(folder, manifest, data)
     test = get_dataset(data, "test", root=data_root)
     train = load_image_dir(folder, test.classes, test.channels, name=f"distilled:{folder.name}",
                            mean=test.mean, std=test.std)
@@ -234,61 +276,28 @@ def format_row(summary: dict) -> str:
         epochs = summary["runs"][0].get("epochs")
     return (f"final {summary['final_mean']:.2f} ± {summary['final_std']:.2f} | best "
             f"{summary['best_mean']:.2f} ± {summary['best_std']:.2f} ({summary['num_runs']} runs, "
-            f"{epochs} epochs, {summary['seconds_per_run']:.0f} s/run)")
+            f"{epochs} epochs, {summary.get('precision', '?')}, {summary['seconds_per_run']:.0f} s/run)")
 
 
-def _evaluate_worker(args: tuple) -> dict:
-    """Process-pool entry: evaluate one folder with ``threads`` torch threads."""
-    import torch
-
-    folder, profile, overrides, threads = args
-    torch.set_num_threads(threads)
-    return run_evaluate(folder, profile=profile, overrides=overrides, progress=False)
-
-
-def main_job(out: str | os.PathLike = "runs/main", *, methods=("random", "dit"), ipc: int = 10,
-             profile: str = "quick", data: str = "fashion-mnist", progress: bool = True,
+def main_job(out: str | os.PathLike = "runs/main", *, methods=("random", "dit", "mgd3"), ipc: int = 10,
+             profile: str = "demo", data: str = "fashion-mnist", progress: bool = True,
              workers: int | None = None, overrides: dict | None = None) -> list[dict]:
-    """Distil ``data`` at ``ipc`` with each method, evaluate each, return the rows.
+    """Distil ``data`` at ``ipc`` with each method and evaluate every set under ``profile``: a
+    :func:`gendd.bench.run_bench` grid of one IPC and one ConvNet-3 column, written to ``out``
+    (``out/sets/<method>-ipc<ipc>/``, ``out/results.md``); returns the rows.
 
-    Evaluations of the methods run in parallel processes (``workers``, default one per CPU core up to
-    the number of methods), each with ``cores // workers`` torch threads: on small CPUs one student per
-    core is faster than one student on all cores. Results do not depend on ``workers``'s scheduling.
-    """
-    import concurrent.futures as cf
-    import multiprocessing as mp
+    Students run in ``workers`` processes (default: one per CPU core, at most one per student) with
+    ``cores // workers`` torch threads each: on small CPUs one student per core is faster than one
+    student on all cores. Each finished student prints one line with its accuracy and the time left.
+    Results do not depend on ``workers``. ``overrides``: protocol fields to change (e.g. ``epochs``)."""
+    from gendd.bench import BenchConfig, run_bench
+    from gendd.evaluate import get_profile
 
-    out = Path(out)
-    folders, t_distill = {}, {}
-    for m in methods:
-        t0 = time.time()
-        manifest = run_distill(m, data, ipc, out / f"{m}-ipc{ipc}", progress=progress)
-        folders[m] = out / f"{m}-ipc{ipc}"
-        t_distill[m] = manifest.get("seconds_total", time.time() - t0)
     cores = os.cpu_count() or 1
-    workers = workers or max(1, min(len(methods), cores))
-    threads = max(1, cores // workers)
-    summaries = {}
-    if workers == 1:
-        for m in methods:
-            summaries[m] = run_evaluate(folders[m], profile=profile, overrides=overrides, progress=progress)
-    else:
-        if progress:
-            print(f"evaluating {len(methods)} distilled sets in {workers} processes x {threads} threads ...",
-                  flush=True)
-        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_evaluate_worker, (folders[m], profile, overrides, threads)): m for m in methods}
-            for fut in cf.as_completed(futures):
-                m = futures[fut]
-                summaries[m] = fut.result()
-                if progress:
-                    print(f"  {m}: {format_row(summaries[m])}", flush=True)
-    rows = [{"method": m, "ipc": ipc, "distill_seconds": t_distill[m], **summaries[m]} for m in methods]
-    table = ["| method | IPC | final acc % | best acc % | runs | distil s | eval s/run |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        table.append(f"| {r['method']} | {r['ipc']} | {r['final_mean']:.2f} ± {r['final_std']:.2f} | "
-                     f"{r['best_mean']:.2f} ± {r['best_std']:.2f} | {r['num_runs']} | "
-                     f"{r['distill_seconds']:.1f} | {r['seconds_per_run']:.1f} |")
-    (out / "results.md").write_text("\n".join(table) + "\n")
-    return rows
+    overrides = dict(overrides or {})
+    cells = len(methods) * overrides.get("repeats", get_profile(profile).repeats)
+    workers = workers or max(1, min(cores, cells))
+    cfg = BenchConfig(methods=list(methods), ipc=[ipc], students=["convnet3"], protocols=[profile], name="main",
+                      data=data, workers=workers, threads=max(1, cores // workers),
+                      protocol={profile: overrides} if overrides else {})
+    return run_bench(cfg, out, progress=progress)

@@ -60,15 +60,17 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from numbers import Integral, Real
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from tqdm.auto import tqdm
 
 from gendd.backbone.backbone import Backbone, _diffusers
 from gendd.backbone.train import _log, _Stage, disable_builtin_label_dropout, q_sample
-from gendd.blocks.memory import ClassMemory, check_eviction, diversity_loss, representativeness_loss
+from gendd.blocks.memory import EVICTION_POLICIES, ClassMemory, diversity_loss, representativeness_loss
+from gendd.config import Validated, build_config, check
 from gendd.errors import ConfigError, DataError
 
 FINETUNE_RECORD = "finetune.json"
@@ -76,7 +78,7 @@ _LOG_EVERY = 50
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(Validated):
     """Fine-tuning options (defaults: the references' DiT-XL/2 settings, run.sh of both repos).
 
     The references run 8 epochs at batch 8 on ~13k ImageWoof images and sample from the step-12000
@@ -106,44 +108,31 @@ class FinetuneConfig:
         seed: seeds batches, timesteps, noise, label dropout and the latent draw.
     """
 
-    epochs: float = 8.0
-    steps: int | None = None
-    batch_size: int = 8
-    lr: float = 1e-3
-    ema_decay: float = 0.9999
-    label_dropout: float = 0.1
-    lambda_real: float = 0.002
-    lambda_gen: float = 0.008
-    memory_size: int = 64
-    eviction: str = "fifo"
-    loss_accumulation: str = "paper"
-    use_memory: bool = True
-    parameter_efficient: bool = True
-    scaled_blocks: int | None = None
-    class_chunk: int | None = None
-    latent_sample: bool = True
-    flip: bool = True
-    checkpoint_every: int = 500
-    seed: int = 0
+    config_what: ClassVar[str] = "finetune"
 
-    def __post_init__(self) -> None:
-        check_eviction(self.eviction)
-        if self.loss_accumulation not in ("paper", "reference"):
-            raise ConfigError(f"unknown loss_accumulation {self.loss_accumulation!r}; use paper or reference")
+    epochs: float = field(default=8.0, metadata=check(Real))
+    steps: int | None = field(default=None, metadata=check(Integral, ge=1, optional=True))
+    batch_size: int = field(default=8, metadata=check(Integral, ge=1))
+    lr: float = field(default=1e-3, metadata=check(Real, gt=0))
+    ema_decay: float = field(default=0.9999, metadata=check(Real, ge=0, lt=1))
+    label_dropout: float = field(default=0.1, metadata=check(Real, ge=0, lt=1))
+    lambda_real: float = field(default=0.002, metadata=check(Real))
+    lambda_gen: float = field(default=0.008, metadata=check(Real))
+    memory_size: int = field(default=64, metadata=check(Integral, ge=1))
+    eviction: str = field(default="fifo", metadata=check(choices=lambda: tuple(EVICTION_POLICIES)))
+    loss_accumulation: str = field(default="paper", metadata=check(choices=("paper", "reference")))
+    use_memory: bool = field(default=True, metadata=check(bool))
+    parameter_efficient: bool = field(default=True, metadata=check(bool))
+    scaled_blocks: int | None = field(default=None, metadata=check(Integral, ge=0, optional=True))
+    class_chunk: int | None = field(default=None, metadata=check(Integral, ge=1, optional=True))
+    latent_sample: bool = field(default=True, metadata=check(bool))
+    flip: bool = field(default=True, metadata=check(bool))
+    checkpoint_every: int = field(default=500, metadata=check(Integral, ge=1))
+    seed: int = field(default=0, metadata=check(Integral))
+
+    def _check_fields(self) -> None:
         if self.steps is None and not self.epochs > 0:
             raise ConfigError(f"epochs must be > 0 (or set steps), got {self.epochs}")
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"steps must be >= 1, got {self.steps}")
-        if self.batch_size < 1 or self.memory_size < 1 or self.checkpoint_every < 1:
-            raise ConfigError("batch_size, memory_size and checkpoint_every must be >= 1")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if not 0.0 <= self.label_dropout < 1.0:
-            raise ConfigError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
-        if self.class_chunk is not None and self.class_chunk < 1:
-            raise ConfigError(f"class_chunk must be >= 1 or None, got {self.class_chunk}")
-        if self.scaled_blocks is not None and self.scaled_blocks < 0:
-            raise ConfigError(f"scaled_blocks must be >= 0 or None, got {self.scaled_blocks}")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None = None, **defaults: Any) -> FinetuneConfig:
@@ -153,7 +142,7 @@ class FinetuneConfig:
         bad = sorted(set(merged) - known)
         if bad:
             raise ConfigError(f"unknown fine-tuning option(s) {', '.join(bad)}; options: {', '.join(sorted(known))}")
-        return cls(**merged)
+        return build_config(cls, merged, cls.config_what)
 
     def encode_spec(self):
         """The latent cache fine-tuned on (``gendd.cache.EncodeSpec``)."""

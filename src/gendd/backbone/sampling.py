@@ -20,17 +20,22 @@ or the posterior mean. A method that adds nothing passes no hook, so plain sampl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence
+from dataclasses import dataclass, field
+from numbers import Integral, Real
+from typing import ClassVar, Literal, Protocol, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from gendd.config import Validated, check
 from gendd.errors import ConfigError, NumericalError
+
+#: The sampling chains :func:`make_schedule` builds.
+SAMPLERS = ("ddpm", "ddim")
 
 
 @dataclass
-class SamplerConfig:
+class SamplerConfig(Validated):
     """How to sample.
 
     Attributes:
@@ -42,17 +47,13 @@ class SamplerConfig:
         batch_size: latents denoised together.
     """
 
-    sampler: Literal["ddpm", "ddim"] = "ddpm"
-    num_steps: int = 50
-    cfg_scale: float = 4.0
-    cfg_channels: int | None = None
-    batch_size: int = 256
+    config_what: ClassVar[str] = "sampler"
 
-    def __post_init__(self) -> None:
-        if self.sampler not in ("ddpm", "ddim"):
-            raise ConfigError(f"unknown sampler {self.sampler!r}; use ddpm or ddim")
-        if self.num_steps < 1:
-            raise ConfigError(f"num_steps must be >= 1, got {self.num_steps}")
+    sampler: Literal["ddpm", "ddim"] = field(default="ddpm", metadata=check(choices=SAMPLERS))
+    num_steps: int = field(default=50, metadata=check(Integral, ge=1))
+    cfg_scale: float = field(default=4.0, metadata=check(Real))
+    cfg_channels: int | None = field(default=None, metadata=check(Integral, ge=1, optional=True))
+    batch_size: int = field(default=256, metadata=check(Integral, ge=1))
 
 
 @dataclass

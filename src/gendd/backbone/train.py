@@ -19,19 +19,22 @@ import copy
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from numbers import Integral, Real
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
 
 from gendd.backbone.backbone import Backbone, BackboneMeta, _diffusers
+from gendd.config import Validated, check
 from gendd.data.base import ImageDataset, to_float
 from gendd.errors import ConfigError, NumericalError
 
 
 @dataclass
-class BackboneTrainConfig:
+class BackboneTrainConfig(Validated):
     """Architecture and schedule of a small latent DiT backbone (defaults: Fashion-MNIST).
 
     Attributes:
@@ -47,26 +50,33 @@ class BackboneTrainConfig:
         num_threads: torch threads (None = torch default).
     """
 
-    image_size: int = 32
-    vae_channels: tuple[int, ...] = (32, 64, 64)
-    latent_channels: int = 4
-    vae_steps: int = 400
-    vae_batch_size: int = 128
-    vae_lr: float = 2e-3
-    kl_weight: float = 1e-6
-    dit_hidden: int = 128
-    dit_layers: int = 6
-    dit_heads: int = 4
-    patch_size: int = 2
-    dit_steps: int = 6000
-    dit_batch_size: int = 128
-    dit_lr: float = 3e-4
-    ema_decay: float = 0.999
-    label_dropout: float = 0.1
-    default_cfg_scale: float = 3.0
-    checkpoint_every: int = 200
-    seed: int = 0
-    num_threads: int | None = None
+    config_what: ClassVar[str] = "backbone train"
+
+    image_size: int = field(default=32, metadata=check(Integral, ge=1))
+    vae_channels: tuple[int, ...] = field(default=(32, 64, 64),
+                                          metadata=check(tuple, min_length=1, items=check(Integral, ge=1)))
+    latent_channels: int = field(default=4, metadata=check(Integral, ge=1))
+    vae_steps: int = field(default=400, metadata=check(Integral, ge=0))
+    vae_batch_size: int = field(default=128, metadata=check(Integral, ge=1))
+    vae_lr: float = field(default=2e-3, metadata=check(Real, gt=0))
+    kl_weight: float = field(default=1e-6, metadata=check(Real, ge=0))
+    dit_hidden: int = field(default=128, metadata=check(Integral, ge=1))
+    dit_layers: int = field(default=6, metadata=check(Integral, ge=1))
+    dit_heads: int = field(default=4, metadata=check(Integral, ge=1))
+    patch_size: int = field(default=2, metadata=check(Integral, ge=1))
+    dit_steps: int = field(default=6000, metadata=check(Integral, ge=0))
+    dit_batch_size: int = field(default=128, metadata=check(Integral, ge=1))
+    dit_lr: float = field(default=3e-4, metadata=check(Real, gt=0))
+    ema_decay: float = field(default=0.999, metadata=check(Real, ge=0, lt=1))
+    label_dropout: float = field(default=0.1, metadata=check(Real, ge=0, lt=1))
+    default_cfg_scale: float = field(default=3.0, metadata=check(Real))
+    checkpoint_every: int = field(default=200, metadata=check(Integral, ge=1))
+    seed: int = field(default=0, metadata=check(Integral))
+    num_threads: int | None = field(default=None, metadata=check(Integral, ge=1, optional=True))
+
+    def _check_fields(self) -> None:
+        if self.dit_hidden % self.dit_heads:
+            raise ConfigError(f"dit_hidden ({self.dit_hidden}) must be a multiple of dit_heads ({self.dit_heads})")
 
 
 def _atomic_save(obj, path: Path) -> None:

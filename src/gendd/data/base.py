@@ -44,6 +44,8 @@ class ImageDataset:
         loader: ``loader(indices) -> uint8 tensor (n, C, H, W)``.
         fingerprint_parts: strings that identify the content (file list, sizes, hashes); the
             cache key is derived from them.
+        root: absolute path of the folder the data was read from (None when not from a folder);
+            recorded in a distilled set's manifest, so evaluation finds the test split there.
     """
 
     name: str
@@ -57,6 +59,7 @@ class ImageDataset:
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
     fingerprint_parts: list[str] = field(default_factory=list)
+    root: str | None = None
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)

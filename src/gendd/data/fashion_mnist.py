@@ -125,4 +125,5 @@ def load_fashion_mnist(split: str = "train", root: str | Path | None = None) -> 
         mean=MEAN,
         std=STD,
         fingerprint_parts=[f"images-sha256={images_sha}", f"labels-sha256={labels_sha}"],
+        root=str(root.resolve()),
     )

@@ -227,6 +227,7 @@ def load_imagefolder(root: str | Path, split: str = "train", subset: str | None 
         mean=IMAGENET_MEAN if channels == 3 else (0.5,),
         std=IMAGENET_STD if channels == 3 else (0.5,),
         fingerprint_parts=fingerprint,
+        root=str(root.resolve()),
     )
 
 

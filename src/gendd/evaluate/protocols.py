@@ -23,14 +23,40 @@ all of them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+import os
+from dataclasses import dataclass, field, fields, replace
+from numbers import Integral, Real
 
+from gendd.config import Validated, check
 from gendd.errors import ConfigError
-from gendd.evaluate.augment import DEFAULT_STRATEGY
+from gendd.evaluate.augment import DEFAULT_STRATEGY, DSAugment
+from gendd.hardware import PRECISIONS
+
+
+def _student_names() -> tuple[str, ...]:
+    from gendd.evaluate.students import STUDENTS
+
+    return tuple(sorted(STUDENTS))
+
+
+class _Protocol(Validated):
+    """Errors name the protocol: ``evaluation protocol 'rded-soft': temperature must be > 0, got 0``."""
+
+    def _config_what(self) -> str:
+        return f"evaluation protocol {self.name!r}"
+
+
+#: Field checks the protocols share.
+_COUNT = check(Integral, ge=1)
+_COUNT_OR_NONE = check(Integral, ge=1, optional=True)
+_PRECISION = check(choices=PRECISIONS)
+_STUDENT = check(choices=_student_names)
+_DSA = check(str, test=DSAugment)
+_RRC = check(tuple, length=2, items=check(Real, gt=0, le=1))
 
 
 @dataclass(frozen=True)
-class DSAProtocol:
+class DSAProtocol(_Protocol):
     """DC/DSA/DM student-training protocol (defaults = reference values).
 
     Attributes:
@@ -46,8 +72,9 @@ class DSAProtocol:
             ``None`` = ``max(1, epochs // 10)`` (about 10 evaluations), ``0`` = final only.
             The final pass is always evaluated.
         test_batch_size: images per forward pass when testing.
-        autocast_bf16: run forward passes under CPU bf16 autocast (about 1.7x faster on CPUs
-            with AVX512-BF16; accuracy within noise in our timings).
+        precision: ``fp32`` (the reference), ``bf16`` (autocast on the forward passes) or
+            ``auto`` (bf16 only where the hardware computes it natively and faster:
+            :func:`gendd.hardware.resolve_precision`). Each student records the precision it ran at.
         compile: wrap the student in ``torch.compile`` (about 1.3-1.5x faster fp32 steps and
             test passes on CPU, after a one-off ~15-20 s compilation per process; needs a C++
             compiler).
@@ -55,41 +82,22 @@ class DSAProtocol:
         test_limit: evaluate on a class-balanced subset of this many test images (tests only).
     """
 
-    name: str = "dsa"
-    student: str = "convnet3"
-    epochs: int = 1000
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 256
-    lr_decay_epoch: int | None = None
-    dsa_strategy: str = DEFAULT_STRATEGY
-    repeats: int = 5
-    eval_every: int | None = None
-    test_batch_size: int = 500
-    autocast_bf16: bool = False
-    compile: bool = False
-    num_threads: int | None = None
-    test_limit: int | None = None
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.epochs >= 0, "epochs must be >= 0"),
-            (self.lr > 0, "lr must be > 0"),
-            (self.momentum >= 0, "momentum must be >= 0"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.repeats >= 1, "repeats must be >= 1"),
-            (self.test_batch_size >= 1, "test_batch_size must be >= 1"),
-            (self.eval_every is None or self.eval_every >= 0, "eval_every must be >= 0 or None"),
-            (self.lr_decay_epoch is None or self.lr_decay_epoch >= 0,
-             "lr_decay_epoch must be >= 0 or None"),
-            (self.num_threads is None or self.num_threads >= 1, "num_threads must be >= 1"),
-            (self.test_limit is None or self.test_limit >= 1, "test_limit must be >= 1"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(f"invalid evaluation protocol: {msg}")
+    name: str = field(default="dsa", metadata=check(str, min_length=1))
+    student: str = field(default="convnet3", metadata=_STUDENT)
+    epochs: int = field(default=1000, metadata=check(Integral, ge=0))
+    lr: float = field(default=0.01, metadata=check(Real, gt=0))
+    momentum: float = field(default=0.9, metadata=check(Real, ge=0))
+    weight_decay: float = field(default=5e-4, metadata=check(Real, ge=0))
+    batch_size: int = field(default=256, metadata=_COUNT)
+    lr_decay_epoch: int | None = field(default=None, metadata=check(Integral, ge=0, optional=True))
+    dsa_strategy: str = field(default=DEFAULT_STRATEGY, metadata=_DSA)
+    repeats: int = field(default=5, metadata=_COUNT)
+    eval_every: int | None = field(default=None, metadata=check(Integral, ge=0, optional=True))
+    test_batch_size: int = field(default=500, metadata=_COUNT)
+    precision: str = field(default="fp32", metadata=_PRECISION)
+    compile: bool = field(default=False, metadata=check(bool))
+    num_threads: int | None = field(default=None, metadata=_COUNT_OR_NONE)
+    test_limit: int | None = field(default=None, metadata=_COUNT_OR_NONE)
 
     @property
     def decay_epoch(self) -> int:
@@ -113,12 +121,17 @@ class DSAProtocol:
 #: Named protocols. ``"paper"`` is the reference protocol (fp32, 1000 epochs, 5 students); it
 #: evaluates on the test split every 200 epochs for the best-over-training figure (the final-epoch
 #: figure is the published one). ``"quick"`` is gendd's fast profile, NOT a published protocol:
-#: 300 epochs (lr / 10 after pass 151), 3 students, bf16 autocast on the CPU, test evaluations at
+#: 300 epochs (lr / 10 after pass 151), 3 students, precision ``auto`` (bf16 autocast where the
+#: hardware has native bf16, fp32 elsewhere), test evaluations at
 #: epochs 100, 200 and 300. Its numbers are comparable with each other, not with DC/DSA tables;
-#: BENCHMARKS.md shows both profiles side by side at IPC 10.
+#: BENCHMARKS.md shows both profiles side by side at IPC 10. ``"demo"`` is the main job's (``gendd
+#: run``) profile, sized to finish in minutes on two cores without native bf16: ``quick`` with 100
+#: epochs (lr / 10 after pass 51), 2 students and one test pass at the end; BENCHMARKS.md §10 gives
+#: how far its figures are from ``quick``'s on the same sets.
 PROFILES: dict[str, DSAProtocol] = {
     "paper": DSAProtocol(eval_every=200),
-    "quick": DSAProtocol(epochs=300, repeats=3, eval_every=100, autocast_bf16=True),
+    "quick": DSAProtocol(epochs=300, repeats=3, eval_every=100, precision="auto"),
+    "demo": DSAProtocol(epochs=100, repeats=2, eval_every=0, precision="auto"),
 }
 
 
@@ -137,26 +150,9 @@ def get_profile(name: str) -> "DSAProtocol | IDCHardProtocol | SoftLabelProtocol
 IMAGENET_SIZE = 224
 
 
-def _check(checks: list[tuple[bool, str]], name: str) -> None:
-    for ok, msg in checks:
-        if not ok:
-            raise ConfigError(f"invalid evaluation protocol {name!r}: {msg}")
-
-
-def _common_checks(p: "IDCHardProtocol | SoftLabelProtocol") -> list[tuple[bool, str]]:
-    return [
-        (p.epochs is None or p.epochs >= 1, "epochs must be >= 1 (or None for the IPC rule)"),
-        (p.batch_size is None or p.batch_size >= 1, "batch_size must be >= 1 or None"),
-        (p.repeats >= 1, "repeats must be >= 1"),
-        (p.test_batch_size >= 1, "test_batch_size must be >= 1"),
-        (p.eval_every is None or p.eval_every >= 0, "eval_every must be >= 0 or None"),
-        (p.image_size is None or p.image_size >= 8, "image_size must be >= 8 or None"),
-        (p.num_threads is None or p.num_threads >= 1, "num_threads must be >= 1"),
-        (p.test_limit is None or p.test_limit >= 1, "test_limit must be >= 1"),
-        (len(p.rrc_scale) == 2 and 0 < p.rrc_scale[0] <= p.rrc_scale[1] <= 1,
-         "rrc_scale must be (lo, hi) with 0 < lo <= hi <= 1"),
-        (p.cutmix_beta > 0, "cutmix_beta must be > 0"),
-    ]
+def _check_rrc(scale: tuple[float, float]) -> None:
+    if not scale[0] <= scale[1]:
+        raise ConfigError(f"rrc_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {scale!r}")
 
 
 def train_image_size(protocol: "IDCHardProtocol | SoftLabelProtocol", test_side: int) -> int:
@@ -191,7 +187,7 @@ def ipc_epochs(ipc: int, num_classes: int) -> int:
 
 
 @dataclass(frozen=True)
-class IDCHardProtocol:
+class IDCHardProtocol(_Protocol):
     """IDC / Minimax hard-label protocol for ImageNet subsets (methods.md 7.1; reference
     ``snu-mllab/Efficient-Dataset-Condensation`` ``train.py``, ``argument.py``, ``data.py``, as
     copied by ``vimar-gu/MinimaxDiffusion``). Used by Minimax, MGD3 and the self-adaptive memory.
@@ -226,49 +222,41 @@ class IDCHardProtocol:
         image_size: training/test side; ``None`` = :func:`train_image_size`.
         eval_every: epochs between test evaluations; ``None`` = ``max(1, E // 100)`` (reference
             ``epoch_print_freq``), ``0`` = the last epoch only. The last epoch is always evaluated.
-        repeats, test_batch_size, autocast_bf16, compile, num_threads, test_limit: as
+        repeats, test_batch_size, precision, compile, num_threads, test_limit: as
             :class:`DSAProtocol`.
     """
 
-    name: str = "idc-hard"
-    student: str = "resnet_ap10"
-    epochs: int | None = None
-    lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float | None = None
-    batch_size: int | None = None
-    milestones: tuple[tuple[int, int], ...] = ((2, 3), (5, 6))
-    gamma: float = 0.2
-    augment: str = "imagenet"
-    dsa_strategy: str = "color_crop_flip_scale_rotate"
-    rrc_scale: tuple[float, float] = (0.5, 1.0)
-    jitter: float = 0.4
-    lighting: float = 0.1
-    cutmix_beta: float = 1.0
-    mix_p: float = 1.0
-    image_size: int | None = None
-    eval_every: int | None = None
-    repeats: int = 3
-    test_batch_size: int = 100
-    autocast_bf16: bool = False
-    compile: bool = False
-    num_threads: int | None = None
-    test_limit: int | None = None
+    name: str = field(default="idc-hard", metadata=check(str, min_length=1))
+    student: str = field(default="resnet_ap10", metadata=_STUDENT)
+    epochs: int | None = field(default=None, metadata=_COUNT_OR_NONE)
+    lr: float | None = field(default=None, metadata=check(Real, gt=0, optional=True))
+    momentum: float = field(default=0.9, metadata=check(Real, ge=0))
+    weight_decay: float | None = field(default=None, metadata=check(Real, ge=0, optional=True))
+    batch_size: int | None = field(default=None, metadata=_COUNT_OR_NONE)
+    milestones: tuple[tuple[int, int], ...] = field(
+        default=((2, 3), (5, 6)), metadata=check(tuple, items=check(tuple, length=2, items=check(Integral, ge=0))))
+    gamma: float = field(default=0.2, metadata=check(Real, gt=0, le=1))
+    augment: str = field(default="imagenet", metadata=check(choices=("imagenet", "dsa")))
+    dsa_strategy: str = field(default="color_crop_flip_scale_rotate", metadata=_DSA)
+    rrc_scale: tuple[float, float] = field(default=(0.5, 1.0), metadata=_RRC)
+    jitter: float = field(default=0.4, metadata=check(Real, ge=0))
+    lighting: float = field(default=0.1, metadata=check(Real, ge=0))
+    cutmix_beta: float = field(default=1.0, metadata=check(Real, gt=0))
+    mix_p: float = field(default=1.0, metadata=check(Real, ge=0, le=1))
+    image_size: int | None = field(default=None, metadata=check(Integral, ge=8, optional=True))
+    eval_every: int | None = field(default=None, metadata=check(Integral, ge=0, optional=True))
+    repeats: int = field(default=3, metadata=_COUNT)
+    test_batch_size: int = field(default=100, metadata=_COUNT)
+    precision: str = field(default="fp32", metadata=_PRECISION)
+    compile: bool = field(default=False, metadata=check(bool))
+    num_threads: int | None = field(default=None, metadata=_COUNT_OR_NONE)
+    test_limit: int | None = field(default=None, metadata=_COUNT_OR_NONE)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "milestones", tuple(tuple(m) for m in self.milestones))
-        object.__setattr__(self, "rrc_scale", tuple(self.rrc_scale))
-        _check(_common_checks(self) + [
-            (self.lr is None or self.lr > 0, "lr must be > 0"),
-            (self.weight_decay is None or self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (self.momentum >= 0, "momentum must be >= 0"),
-            (all(len(m) == 2 and m[1] > 0 and m[0] >= 0 for m in self.milestones),
-             "milestones must be (numerator, denominator) pairs"),
-            (0 < self.gamma <= 1, "gamma must be in (0, 1]"),
-            (self.augment in ("imagenet", "dsa"), "augment must be 'imagenet' or 'dsa'"),
-            (0 <= self.mix_p <= 1, "mix_p must be in [0, 1]"),
-            (self.jitter >= 0 and self.lighting >= 0, "jitter and lighting must be >= 0"),
-        ], self.name)
+    def _check_fields(self) -> None:
+        if not all(m[1] > 0 for m in self.milestones):
+            raise ConfigError(f"milestones must be (numerator, denominator) pairs with denominator > 0, "
+                              f"got {self.milestones!r}")
+        _check_rrc(self.rrc_scale)
 
     def resolved_epochs(self, ipc: int, num_classes: int) -> int:
         """``epochs``, or IDC's IPC rule."""
@@ -327,7 +315,7 @@ def soft_batch_size(rule: str, ipc: int, num_classes: int) -> int:
 
 
 @dataclass(frozen=True)
-class SoftLabelProtocol:
+class SoftLabelProtocol(_Protocol):
     """RDED-style soft-label protocol (methods.md 7.2; ``LINs-lab/RDED`` ``validation/main.py``,
     ``validation/utils.py``, ``argument.py``) and D3HR's variant of it (methods.md 5.3;
     ``lin-zhao-resoLve/D3HR`` ``validation/validate.py``, ``argument.py``, ``utils/data_utils.py``).
@@ -363,51 +351,43 @@ class SoftLabelProtocol:
         eval_every, eval_after: test after 0-based epoch ``e`` when ``(e + 1) % eval_every == 0``
             and ``e > eval_after * E`` (``eval_every`` 0: never); the last epoch always.
         extra_bn_pass: the references' extra training-mode forward (BN statistics only).
-        image_size, repeats, test_batch_size, autocast_bf16, compile, num_threads, test_limit: as
+        image_size, repeats, test_batch_size, precision, compile, num_threads, test_limit: as
             :class:`IDCHardProtocol`.
     """
 
-    name: str = "rded-soft"
-    student: str = "resnet18_bn"
-    teacher: str | None = None
-    epochs: int = 300
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.01
-    schedule: str = "half-cosine"
-    temperature: float = 20.0
-    batch_size: int | None = None
-    batch_rule: str = "rded"
-    rrc_scale: tuple[float, float] = (0.5, 1.0)
-    shuffle_factor: int = 2
-    cutmix_beta: float = 1.0
-    eval_every: int | None = 10
-    eval_after: float = 0.8
-    extra_bn_pass: bool = True
-    image_size: int | None = None
-    repeats: int = 3
-    test_batch_size: int = 100
-    autocast_bf16: bool = False
-    compile: bool = False
-    num_threads: int | None = None
-    test_limit: int | None = None
+    name: str = field(default="rded-soft", metadata=check(str, min_length=1))
+    student: str = field(default="resnet18_bn", metadata=_STUDENT)
+    teacher: str | None = field(default=None, metadata=check(str, optional=True))
+    epochs: int = field(default=300, metadata=_COUNT)
+    lr: float = field(default=1e-3, metadata=check(Real, gt=0))
+    betas: tuple[float, float] = field(default=(0.9, 0.999),
+                                       metadata=check(tuple, length=2, items=check(Real, ge=0, lt=1)))
+    weight_decay: float = field(default=0.01, metadata=check(Real, ge=0))
+    schedule: str = field(default="half-cosine", metadata=check(choices=("half-cosine", "cosine")))
+    temperature: float = field(default=20.0, metadata=check(Real, gt=0))
+    batch_size: int | None = field(default=None, metadata=_COUNT_OR_NONE)
+    batch_rule: str = field(default="rded", metadata=check(choices=SOFT_BATCH_RULES))
+    rrc_scale: tuple[float, float] = field(default=(0.5, 1.0), metadata=_RRC)
+    shuffle_factor: int = field(default=2, metadata=_COUNT)
+    cutmix_beta: float = field(default=1.0, metadata=check(Real, gt=0))
+    eval_every: int | None = field(default=10, metadata=check(Integral, ge=0, optional=True))
+    eval_after: float = field(default=0.8, metadata=check(Real, ge=0, lt=1))
+    extra_bn_pass: bool = field(default=True, metadata=check(bool))
+    image_size: int | None = field(default=None, metadata=check(Integral, ge=8, optional=True))
+    repeats: int = field(default=3, metadata=_COUNT)
+    test_batch_size: int = field(default=100, metadata=_COUNT)
+    precision: str = field(default="fp32", metadata=_PRECISION)
+    compile: bool = field(default=False, metadata=check(bool))
+    num_threads: int | None = field(default=None, metadata=_COUNT_OR_NONE)
+    test_limit: int | None = field(default=None, metadata=_COUNT_OR_NONE)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "betas", tuple(self.betas))
-        object.__setattr__(self, "rrc_scale", tuple(self.rrc_scale))
-        if self.teacher is not None:
-            object.__setattr__(self, "teacher", str(self.teacher))
-        _check(_common_checks(self) + [
-            (self.lr > 0, "lr must be > 0"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-             "betas must be two numbers in [0, 1)"),
-            (self.schedule in ("half-cosine", "cosine"), "schedule must be 'half-cosine' or 'cosine'"),
-            (self.temperature > 0, "temperature must be > 0"),
-            (self.batch_rule in SOFT_BATCH_RULES, f"batch_rule must be one of {SOFT_BATCH_RULES}"),
-            (self.shuffle_factor >= 1, "shuffle_factor must be >= 1"),
-            (0 <= self.eval_after < 1, "eval_after must be in [0, 1)"),
-        ], self.name)
+        if isinstance(self.teacher, os.PathLike):  # a checkpoint path is stored as text (JSON, result keys)
+            object.__setattr__(self, "teacher", os.fspath(self.teacher))
+        super().__post_init__()
+
+    def _check_fields(self) -> None:
+        _check_rrc(self.rrc_scale)
 
     def resolved_epochs(self, ipc: int, num_classes: int) -> int:
         return self.epochs

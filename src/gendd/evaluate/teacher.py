@@ -27,9 +27,10 @@ import dataclasses
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from numbers import Integral, Real
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from gendd.config import Validated, check
 from gendd.data.base import ImageDataset
 from gendd.errors import ConfigError, DataError, NumericalError
 from gendd.evaluate.imagenet_aug import TrainAugment, random_flip, resize_center_crop
@@ -49,7 +51,7 @@ FORMAT = "gendd-teacher-1"
 
 
 @dataclass(frozen=True)
-class TeacherConfig:
+class TeacherConfig(Validated):
     """How a teacher is trained (gendd's recipe; see the module docstring).
 
     Attributes:
@@ -63,30 +65,20 @@ class TeacherConfig:
         num_threads: torch threads during training (``None`` = leave as is).
     """
 
-    epochs: int = 30
-    batch_size: int = 256
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    image_size: int | None = None
-    pad: int = 4
-    flip: bool = True
-    eval_every: int = 5
-    test_limit: int | None = None
-    seed: int = 0
-    num_threads: int | None = None
+    config_what: ClassVar[str] = "teacher config"
 
-    def __post_init__(self) -> None:
-        checks = [(self.epochs >= 1, "epochs must be >= 1"), (self.batch_size >= 1, "batch_size must be >= 1"),
-                  (self.lr > 0, "lr must be > 0"), (self.momentum >= 0, "momentum must be >= 0"),
-                  (self.weight_decay >= 0, "weight_decay must be >= 0"), (self.pad >= 0, "pad must be >= 0"),
-                  (self.eval_every >= 0, "eval_every must be >= 0"),
-                  (self.image_size is None or self.image_size >= 8, "image_size must be >= 8"),
-                  (self.test_limit is None or self.test_limit >= 1, "test_limit must be >= 1"),
-                  (self.num_threads is None or self.num_threads >= 1, "num_threads must be >= 1")]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(f"invalid teacher config: {msg}")
+    epochs: int = field(default=30, metadata=check(Integral, ge=1))
+    batch_size: int = field(default=256, metadata=check(Integral, ge=1))
+    lr: float = field(default=0.1, metadata=check(Real, gt=0))
+    momentum: float = field(default=0.9, metadata=check(Real, ge=0))
+    weight_decay: float = field(default=5e-4, metadata=check(Real, ge=0))
+    image_size: int | None = field(default=None, metadata=check(Integral, ge=8, optional=True))
+    pad: int = field(default=4, metadata=check(Integral, ge=0))
+    flip: bool = field(default=True, metadata=check(bool))
+    eval_every: int = field(default=5, metadata=check(Integral, ge=0))
+    test_limit: int | None = field(default=None, metadata=check(Integral, ge=1, optional=True))
+    seed: int = field(default=0, metadata=check(Integral))
+    num_threads: int | None = field(default=None, metadata=check(Integral, ge=1, optional=True))
 
     def lr_at(self, ep: int) -> float:
         """``lr * 0.5 (1 + cos(pi ep / epochs))`` for 0-based epoch ``ep``."""

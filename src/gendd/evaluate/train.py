@@ -34,6 +34,7 @@ from gendd.errors import DataError, NumericalError
 from gendd.evaluate.augment import DSAugment
 from gendd.evaluate.protocols import DSAProtocol, Protocol
 from gendd.evaluate.students import build_student
+from gendd.hardware import autocast, precision_label, resolve_precision
 
 TestData = tuple[torch.Tensor, torch.Tensor]
 
@@ -90,13 +91,13 @@ def _seed_streams(seed: int, k: int) -> list[int]:
 
 
 def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500,
-                  autocast_bf16: bool = False) -> float:
-    """Top-1 accuracy in percent of ``net`` on pre-normalised ``(x, y)`` (inference mode)."""
+             precision: str = "fp32") -> float:
+    """Top-1 accuracy in percent of ``net`` on pre-normalised ``(x, y)`` (inference mode), at a
+    resolved ``precision`` (:mod:`gendd.hardware`)."""
     was_training = net.training
     net.eval()
     correct = 0
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16,
-                                                enabled=autocast_bf16):
+    with torch.inference_mode(), autocast(precision):
         for a in range(0, x.shape[0], batch_size):
             pred = net(x[a:a + batch_size]).argmax(1)
             correct += int((pred == y[a:a + batch_size]).sum())
@@ -122,7 +123,8 @@ def train_student(train_images: torch.Tensor, train_labels: torch.Tensor,
     Returns:
         ``final_acc``, ``best_acc`` (percent), ``best_epoch``, ``history`` [(pass, acc)],
         ``lrs`` (lr of each pass), ``final_loss`` (mean train loss of the last pass),
-        ``seconds`` (wall time, incl. testing), ``eval_seconds``, ``epochs``, ``seed``.
+        ``seconds`` (wall time, incl. testing), ``eval_seconds``, ``epochs``, ``seed``,
+        ``precision`` (``fp32`` or ``bf16``: the protocol's policy resolved on this machine).
 
     Raises:
         NumericalError: the training loss became NaN/Inf.
@@ -154,11 +156,11 @@ def train_student(train_images: torch.Tensor, train_labels: torch.Tensor,
     g_shuffle = torch.Generator().manual_seed(s_shuffle)
     g_aug = torch.Generator().manual_seed(s_aug)
     augment = DSAugment(protocol.dsa_strategy)
-    bf16 = protocol.autocast_bf16
     eval_every = protocol.eval_interval
     decay_epoch = protocol.decay_epoch
 
     with _threads(protocol.num_threads):
+        precision = resolve_precision(protocol.precision)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s_init)
             net = build_student(protocol.student, x.shape[1], num_classes, x.shape[2])
@@ -185,7 +187,7 @@ def train_student(train_images: torch.Tensor, train_labels: torch.Tensor,
             for a in range(0, n, protocol.batch_size):
                 idx = perm[a:a + protocol.batch_size]
                 xb = augment(x[idx], g_aug)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                with autocast(precision):
                     out = fwd(xb)
                 loss = F.cross_entropy(out.float(), y[idx])
                 lv = float(loss.detach())
@@ -202,7 +204,7 @@ def train_student(train_images: torch.Tensor, train_labels: torch.Tensor,
                 opt = make_opt(lr)  # reference re-creates SGD: momentum buffers reset
             if ep == protocol.epochs or (eval_every and ep > 0 and ep % eval_every == 0):
                 t0 = time.perf_counter()
-                acc = accuracy(fwd, test_x, test_y, protocol.test_batch_size, bf16)
+                acc = accuracy(fwd, test_x, test_y, protocol.test_batch_size, precision)
                 eval_seconds += time.perf_counter() - t0
                 history.append((ep, acc))
                 bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{acc:.1f}")
@@ -221,6 +223,7 @@ def train_student(train_images: torch.Tensor, train_labels: torch.Tensor,
         "final_loss": loss_sum / n,
         "seconds": seconds,
         "eval_seconds": eval_seconds,
+        "precision": precision,
     }
     if return_model:
         result["model"] = net
@@ -297,6 +300,7 @@ def summarise_runs(runs: list[dict], protocol, test_ds: ImageDataset, test_size:
         "num_runs": len(runs),
         "seconds_per_run": float(np.mean([r["seconds"] for r in runs])),
         "seconds_total": time.perf_counter() - t0,
+        "precision": precision_label([r.get("precision", "fp32") for r in runs]),
         "runs": runs,
         "protocol": dataclasses.asdict(protocol),
         "dataset": test_ds.name,

@@ -49,6 +49,7 @@ from gendd.evaluate.protocols import (
 from gendd.evaluate.students import build_student
 from gendd.evaluate.teacher import Teacher, load_teacher
 from gendd.evaluate.train import labels_in_test_order, summarise_runs
+from gendd.hardware import autocast, resolve_precision
 
 TestU8 = tuple[torch.Tensor, torch.Tensor]
 
@@ -123,13 +124,14 @@ def _norm_consts(mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Ten
 
 
 def accuracy_u8(net: nn.Module, x: torch.Tensor, y: torch.Tensor, mean: Sequence[float],
-                std: Sequence[float], batch_size: int = 100, autocast_bf16: bool = False) -> float:
-    """Top-1 accuracy (percent) on uint8 images normalised per batch (eval mode)."""
+                std: Sequence[float], batch_size: int = 100, precision: str = "fp32") -> float:
+    """Top-1 accuracy (percent) on uint8 images normalised per batch (eval mode), at a resolved
+    ``precision`` (:mod:`gendd.hardware`)."""
     m, s = _norm_consts(mean, std)
     was_training = net.training
     net.eval()
     correct = 0
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
+    with torch.inference_mode(), autocast(precision):
         for a in range(0, x.shape[0], batch_size):
             xb = (x[a:a + batch_size].float() / 255.0 - m) / s
             correct += int((net(xb).argmax(1) == y[a:a + batch_size]).sum())
@@ -153,7 +155,7 @@ def _check_inputs(images: torch.Tensor, labels: torch.Tensor, num_classes: int) 
                         f"[{int(labels.min())}, {int(labels.max())}]")
 
 
-def _test_after_epoch(protocol, ep: int, epochs: int, fwd: nn.Module, test: tuple, bf16: bool,
+def _test_after_epoch(protocol, ep: int, epochs: int, fwd: nn.Module, test: tuple, precision: str,
                       history: list, bar, loss_text: str) -> float:
     """Test after 0-based epoch ``ep`` if ``protocol.evaluates(ep, epochs)``: append ``(ep + 1, acc)`` to
     ``history``, show it on ``bar``; return the seconds spent (0 when not testing).
@@ -161,7 +163,7 @@ def _test_after_epoch(protocol, ep: int, epochs: int, fwd: nn.Module, test: tupl
     if not protocol.evaluates(ep, epochs):
         return 0.0
     t0 = time.perf_counter()
-    acc = accuracy_u8(fwd, *test, protocol.test_batch_size, bf16)
+    acc = accuracy_u8(fwd, *test, protocol.test_batch_size, precision)
     history.append((ep + 1, acc))
     bar.set_postfix(loss=loss_text, acc=f"{acc:.1f}")
     return time.perf_counter() - t0
@@ -172,7 +174,7 @@ def _finish(seed: int, epochs: int, history: list, lrs: list, loss: float, secon
     best_epoch, best_acc = max(history, key=lambda h: (h[1], -h[0]))
     result = {"seed": seed, "final_acc": history[-1][1], "best_acc": best_acc, "best_epoch": best_epoch,
               "epochs": epochs, "history": history, "lrs": lrs, "final_loss": loss, "seconds": seconds,
-              "eval_seconds": eval_seconds, "resolved": resolved}
+              "eval_seconds": eval_seconds, "resolved": resolved, "precision": resolved["precision"]}
     if return_model:
         result["model"] = net
     return result
@@ -229,11 +231,12 @@ def train_idc_hard(images: torch.Tensor, labels: torch.Tensor, test: TestU8,
     else:
         aug = TrainAugment(size, scale=protocol.rrc_scale, jitter=protocol.jitter,
                            lighting=protocol.lighting)
-    bf16 = protocol.autocast_bf16
     resolved = {"epochs": epochs, "lr": lr0, "weight_decay": wd, "batch_size": batch,
                 "milestones": protocol.milestone_epochs(epochs), "image_size": size}
 
     with _threads(protocol.num_threads):
+        precision = resolve_precision(protocol.precision)
+        resolved["precision"] = precision
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s_init)
             net = build_student(protocol.student, x.shape[1], num_classes, size)
@@ -263,15 +266,15 @@ def train_idc_hard(images: torch.Tensor, labels: torch.Tensor, test: TestU8,
                 mixed = float(torch.rand(1, generator=g_mix)) < protocol.mix_p
                 if mixed:
                     cm = cutmix(xb, g_mix, protocol.cutmix_beta)
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    with autocast(precision):
                         out = fwd(cm.images)
                     loss = cutmix_ce_loss(out, yb, yb[cm.perm], cm.ratio)
                 else:
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    with autocast(precision):
                         out = fwd(xb)
                     loss = F.cross_entropy(out.float(), yb)
                 loss_sum += _sgd_step(opt, loss, ep, seed, lr) * len(idx)
-            eval_seconds += _test_after_epoch(protocol, ep, epochs, fwd, (test_x, test_y, mean, std), bf16,
+            eval_seconds += _test_after_epoch(protocol, ep, epochs, fwd, (test_x, test_y, mean, std), precision,
                                               history, bar, f"{loss_sum / n:.3f}")
         seconds = time.perf_counter() - start
         bar.close()
@@ -349,12 +352,13 @@ def train_soft_label(images: torch.Tensor, labels: torch.Tensor, test: TestU8,
         m_d, s_d = _norm_consts(mean, std)
         m_t, s_t = _norm_consts(teacher.mean, teacher.std)
         renorm = (s_d / s_t, (m_d - m_t) / s_t)       # x_t = x * s_d / s_t + (m_d - m_t) / s_t
-    bf16 = protocol.autocast_bf16
     T = protocol.temperature
     resolved = {"epochs": epochs, "lr": protocol.lr, "batch_size": batch, "image_size": size,
                 "teacher": teacher.describe()}
 
     with _threads(protocol.num_threads):
+        precision = resolve_precision(protocol.precision)
+        resolved["precision"] = precision
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s_init)
             net = build_student(protocol.student, images.shape[1], num_classes, size)
@@ -380,18 +384,18 @@ def train_soft_label(images: torch.Tensor, labels: torch.Tensor, test: TestU8,
                 idx = perm[a:a + batch]
                 xb = aug(images[idx], g_aug, mean, std)
                 xm = cutmix(xb, g_mix, protocol.cutmix_beta).images
-                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                with torch.no_grad(), autocast(precision):
                     if extra_pass:
                         fwd(xm)      # the references' accuracy pass: updates BN running stats only
                     t_logits = teacher.model(xm if renorm is None else xm * renorm[0] + renorm[1])
                 t_logits = t_logits.float()
                 if class_map is not None:
                     t_logits = t_logits[:, class_map]
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                with autocast(precision):
                     out = fwd(xm)
                 loss = soft_label_loss(out, t_logits, T)
                 loss_sum += _sgd_step(opt, loss, ep, seed, lr) * len(idx)
-            eval_seconds += _test_after_epoch(protocol, ep, epochs, fwd, (test_x, test_y, mean, std), bf16,
+            eval_seconds += _test_after_epoch(protocol, ep, epochs, fwd, (test_x, test_y, mean, std), precision,
                                               history, bar, f"{loss_sum / n:.4f}")
         seconds = time.perf_counter() - start
         bar.close()

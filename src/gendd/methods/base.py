@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Any, Callable, ClassVar
 
 import torch
 
+from gendd.config import Validated, check
 from gendd.data.base import ImageDataset
 from gendd.errors import ConfigError
 
 
 @dataclass
-class MethodConfig:
+class MethodConfig(Validated):
     """Options every method has. ``seed`` fixes all randomness (one generator per class)."""
 
-    seed: int = 0
+    config_what: ClassVar[str] = "method"
+
+    seed: int = field(default=0, metadata=check(Integral))
 
 
 @dataclass
@@ -142,10 +146,10 @@ def get_method(name: str) -> type[Method]:
 
 def build_method(name: str, **options: Any) -> Method:
     """``build_method("dit", cfg_scale=3.0)``: unknown options raise ConfigError."""
-    from gendd.config import make_config
+    from gendd.config import build_config
 
     cls = get_method(name)
-    return cls(make_config(cls.config_class, options, f"method {name!r}"))
+    return cls(build_config(cls.config_class, options, f"method {name!r}"))
 
 
 Factory = Callable[..., Method]

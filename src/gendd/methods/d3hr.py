@@ -43,15 +43,17 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from numbers import Integral, Real
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import ClassVar, Literal, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from gendd.backbone.sampling import SamplerConfig, ddim_invert, sample
+from gendd.backbone.sampling import SAMPLERS, SamplerConfig, ddim_invert, sample
 from gendd.blocks.group_sampling import select_group
+from gendd.config import check
 from gendd.errors import ConfigError, DataError
 from gendd.methods.base import ClassContext, ClassResult, Method, register_method, seed_for
 from gendd.methods.dit import DiTConfig
@@ -77,36 +79,30 @@ class D3HRConfig(DiTConfig):
         generator seeded from the class generator (fast on a GPU; results depend on the device).
     """
 
-    sampler: Literal["ddpm", "ddim"] = "ddim"
-    inversion_steps: int = 31
-    start_step_shift: int = 0
-    inversion_cfg_scale: float | None = None
-    num_candidates: int = 10_000
-    w_skew: float = 0.1
-    skew_axis: Literal["reference", "per-dim"] = "reference"
-    chunk_size: int | None = None
-    group_device: Literal["cpu", "backbone"] = "cpu"
-    max_latents: int | None = None
+    config_what: ClassVar[str] = "d3hr"
 
-    def __post_init__(self) -> None:
-        if self.max_latents is not None and self.max_latents < 2:
-            raise ConfigError(f"max_latents must be >= 2 or None, got {self.max_latents}")
+    sampler: Literal["ddpm", "ddim"] = field(default="ddim", metadata=check(choices=SAMPLERS))
+    inversion_steps: int = field(default=31, metadata=check(Integral, ge=0))
+    start_step_shift: int = field(default=0, metadata=check(Integral, ge=0))
+    inversion_cfg_scale: float | None = field(default=None, metadata=check(Real, optional=True))
+    num_candidates: int = field(default=10_000, metadata=check(Integral, ge=1))
+    w_skew: float = field(default=0.1, metadata=check(Real, ge=0))
+    skew_axis: Literal["reference", "per-dim"] = field(default="reference",
+                                                       metadata=check(choices=("reference", "per-dim")))
+    chunk_size: int | None = field(default=None, metadata=check(Integral, ge=1, optional=True))
+    group_device: Literal["cpu", "backbone"] = field(default="cpu", metadata=check(choices=("cpu", "backbone")))
+    max_latents: int | None = field(default=None, metadata=check(Integral, ge=2, optional=True))
+
+    def _check_fields(self) -> None:
+        super()._check_fields()
         if self.sampler != "ddim":
             raise ConfigError("d3hr resumes a DDIM inversion; use sampler=ddim")
-        if not 0 <= self.inversion_steps <= self.num_steps:
+        if not self.inversion_steps <= self.num_steps:
             raise ConfigError(f"inversion_steps must be in 0..num_steps={self.num_steps}, "
                               f"got {self.inversion_steps}")
-        if not 0 <= self.start_step_shift <= self.num_steps - self.inversion_steps:
+        if not self.start_step_shift <= self.num_steps - self.inversion_steps:
             raise ConfigError(f"start_step_shift must be in 0..{self.num_steps - self.inversion_steps}, "
                               f"got {self.start_step_shift}")
-        if self.num_candidates < 1:
-            raise ConfigError(f"num_candidates must be >= 1, got {self.num_candidates}")
-        if self.w_skew < 0:
-            raise ConfigError(f"w_skew must be >= 0, got {self.w_skew}")
-        if self.skew_axis not in ("reference", "per-dim"):
-            raise ConfigError(f"unknown skew_axis {self.skew_axis!r}; use reference or per-dim")
-        if self.group_device not in ("cpu", "backbone"):
-            raise ConfigError(f"unknown group_device {self.group_device!r}; use cpu or backbone")
 
     @property
     def start_step(self) -> int:

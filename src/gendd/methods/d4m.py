@@ -21,14 +21,16 @@ backbone's CFG scale (4.0 for DiT-XL/2) and samples with DDIM (eta 0, determinis
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from numbers import Integral, Real
+from typing import ClassVar, Literal
 
 import torch
 
-from gendd.backbone.sampling import make_schedule, sample
+from gendd.backbone.sampling import SAMPLERS, make_schedule, sample
 from gendd.blocks.modes import discover_modes
-from gendd.errors import ConfigError, DataError
+from gendd.config import check
+from gendd.errors import DataError
 from gendd.methods.base import ClassContext, ClassResult, Method, register_method
 from gendd.methods.dit import DiTConfig, initial_noise
 
@@ -45,21 +47,14 @@ class D4MConfig(DiTConfig):
     ``km_expand * ipc`` latents), encode_sample (cache posterior samples as D4M, not means),
     mode_seed (random_state of the clustering; None = ``seed``; D4M uses 0)."""
 
-    sampler: Literal["ddpm", "ddim"] = "ddim"
-    strength: float = 0.7
-    minibatch: bool = True
-    km_expand: int = 1
-    encode_sample: bool = True
-    mode_seed: int | None = None
+    config_what: ClassVar[str] = "d4m"
 
-    def __post_init__(self) -> None:
-        parent = getattr(super(), "__post_init__", None)
-        if parent is not None:
-            parent()
-        if not 0.0 <= self.strength <= 1.0:
-            raise ConfigError(f"strength must be in [0, 1], got {self.strength}")
-        if self.km_expand < 1:
-            raise ConfigError(f"km_expand must be >= 1, got {self.km_expand}")
+    sampler: Literal["ddpm", "ddim"] = field(default="ddim", metadata=check(choices=SAMPLERS))
+    strength: float = field(default=0.7, metadata=check(Real, ge=0, le=1))
+    minibatch: bool = field(default=True, metadata=check(bool))
+    km_expand: int = field(default=1, metadata=check(Integral, ge=1))
+    encode_sample: bool = field(default=True, metadata=check(bool))
+    mode_seed: int | None = field(default=None, metadata=check(Integral, optional=True))
 
 
 @register_method

@@ -6,12 +6,14 @@ D3HR's sampler. ``cfg_scale=None`` takes the backbone's default (4.0 for DiT-XL/
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from numbers import Integral, Real
+from typing import ClassVar, Literal
 
 import torch
 
-from gendd.backbone.sampling import SamplerConfig, sample
+from gendd.backbone.sampling import SAMPLERS, SamplerConfig, sample
+from gendd.config import check
 from gendd.methods.base import ClassContext, ClassResult, Method, MethodConfig, register_method
 
 
@@ -20,11 +22,13 @@ class DiTConfig(MethodConfig):
     """Attributes: sampler (ddpm|ddim), num_steps, cfg_scale (None = backbone default),
     cfg_channels (3 = DiT's guide-three-channels quirk; None = all), batch_size."""
 
-    sampler: Literal["ddpm", "ddim"] = "ddpm"
-    num_steps: int = 50
-    cfg_scale: float | None = None
-    cfg_channels: int | None = None
-    batch_size: int = 256
+    config_what: ClassVar[str] = "dit"
+
+    sampler: Literal["ddpm", "ddim"] = field(default="ddpm", metadata=check(choices=SAMPLERS))
+    num_steps: int = field(default=50, metadata=check(Integral, ge=1))
+    cfg_scale: float | None = field(default=None, metadata=check(Real, optional=True))
+    cfg_channels: int | None = field(default=None, metadata=check(Integral, ge=1, optional=True))
+    batch_size: int = field(default=256, metadata=check(Integral, ge=1))
 
     def sampler_config(self, backbone) -> SamplerConfig:
         scale = backbone.meta.default_cfg_scale if self.cfg_scale is None else self.cfg_scale

@@ -41,18 +41,27 @@ iterations on Fashion-MNIST's 10 classes take about a day and a half of CPU time
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Sequence
+from dataclasses import dataclass, field
+from numbers import Integral, Real
+from typing import ClassVar, Literal, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from gendd.config import check
 from gendd.errors import ConfigError, DataError, NumericalError
 from gendd.evaluate.augment import DEFAULT_STRATEGY, DSAugment
 from gendd.evaluate.students import STUDENTS, build_student
 from gendd.methods.base import ClassContext, ClassResult, Method, MethodConfig, register_method
+
+
+def _parse_device(name: str) -> torch.device:
+    try:
+        return torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError("not a torch device; use cpu, cuda or cuda:<index>") from None
 
 
 @dataclass
@@ -63,28 +72,17 @@ class DMConfig(MethodConfig):
     ("none" disables augmentation), net (a registered student with ``embed``; "convnet3"), device
     ("cpu" or "cuda"), save_float (also save the unquantised images and the loss curve)."""
 
-    iterations: int = 20000
-    lr_img: float = 1.0
-    momentum: float = 0.5
-    batch_real: int = 256
-    init: Literal["real", "noise"] = "real"
-    dsa_strategy: str = DEFAULT_STRATEGY
-    net: str = "convnet3"
-    device: str = "cpu"
-    save_float: bool = True
+    config_what: ClassVar[str] = "dm"
 
-    def __post_init__(self) -> None:
-        if self.iterations < 0:
-            raise ConfigError(f"iterations must be >= 0, got {self.iterations}")
-        if self.batch_real < 1:
-            raise ConfigError(f"batch_real must be >= 1, got {self.batch_real}")
-        if not self.lr_img > 0 or not 0 <= self.momentum < 1:
-            raise ConfigError(f"need lr_img > 0 and 0 <= momentum < 1, got {self.lr_img}, {self.momentum}")
-        if self.init not in ("real", "noise"):
-            raise ConfigError(f"init must be 'real' or 'noise', got {self.init!r}")
-        if self.net not in STUDENTS:
-            raise ConfigError(f"unknown net {self.net!r}; choose one of {sorted(STUDENTS)}")
-        DSAugment(self.dsa_strategy)  # validates the strategy
+    iterations: int = field(default=20000, metadata=check(Integral, ge=0))
+    lr_img: float = field(default=1.0, metadata=check(Real, gt=0))
+    momentum: float = field(default=0.5, metadata=check(Real, ge=0, lt=1))
+    batch_real: int = field(default=256, metadata=check(Integral, ge=1))
+    init: Literal["real", "noise"] = field(default="real", metadata=check(choices=("real", "noise")))
+    dsa_strategy: str = field(default=DEFAULT_STRATEGY, metadata=check(str, test=DSAugment))
+    net: str = field(default="convnet3", metadata=check(choices=lambda: tuple(sorted(STUDENTS))))
+    device: str = field(default="cpu", metadata=check(str, test=_parse_device))
+    save_float: bool = field(default=True, metadata=check(bool))
 
 
 def net_seed(seed: int, iteration: int) -> int:

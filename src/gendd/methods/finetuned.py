@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from gendd.backbone.finetune import (FinetuneConfig, FinetunedChunk, FinetuneResult, default_finetune_dir,
                                      finetune_dataset, finetune_key, load_finetuned, load_finetuned_backbone)
+from gendd.config import check, config_error
 from gendd.errors import ConfigError
 from gendd.methods.base import ClassContext, ClassResult, register_method
 from gendd.methods.dit import DiTConfig, DiTSampling
@@ -46,20 +47,19 @@ class _FinetuneOptions:
     :class:`FinetuneConfig` defaults (the reference's DiT-XL/2 values). A :class:`FinetuneConfig`
     object is used as given. The resolved options are what the manifest records."""
 
-    finetuned_backbone: str | None = None
-    finetune: Any = None
+    finetuned_backbone: str | None = field(default=None, metadata=check(str, os.PathLike, optional=True))
+    finetune: Any = field(default=None, metadata=check(dict, FinetuneConfig, optional=True))
 
     default_eviction: ClassVar[str] = "fifo"
 
     def __post_init__(self) -> None:
-        parent = getattr(super(), "__post_init__", None)
-        if parent is not None:
-            parent()
+        super().__post_init__()  # validates every field (MethodConfig is later in the MRO)
         if not isinstance(self.finetune, FinetuneConfig):
-            if self.finetune is not None and not isinstance(self.finetune, dict):
-                raise ConfigError("finetune must be a dict of fine-tuning options, e.g. finetune='{\"steps\": 500}'")
             given = set(self.finetune or {})
-            self.finetune = FinetuneConfig.from_options(self.finetune, eviction=self.default_eviction)
+            try:
+                self.finetune = FinetuneConfig.from_options(self.finetune, eviction=self.default_eviction)
+            except ConfigError as err:
+                raise config_error(self._config_what(), f"finetune: {getattr(err, 'config_detail', err)}") from None
         else:
             given = {f.name for f in dataclasses.fields(FinetuneConfig)}
         object.__setattr__(self, "_finetune_given", given)  # not a field: stays out of the manifest
@@ -76,6 +76,7 @@ class _FinetuneOptions:
 class MinimaxConfig(_FinetuneOptions, DiTConfig):
     """dit's options plus finetuned_backbone and finetune (see ``_FinetuneOptions``); eviction fifo."""
 
+    config_what: ClassVar[str] = "minimax"
     default_eviction: ClassVar[str] = "fifo"
 
 
@@ -83,6 +84,7 @@ class MinimaxConfig(_FinetuneOptions, DiTConfig):
 class MemoryConfig(_FinetuneOptions, DiTConfig):
     """dit's options plus finetuned_backbone and finetune; eviction max-similarity."""
 
+    config_what: ClassVar[str] = "memory"
     default_eviction: ClassVar[str] = "max-similarity"
 
 
@@ -90,6 +92,7 @@ class MemoryConfig(_FinetuneOptions, DiTConfig):
 class MemoryMGD3Config(_FinetuneOptions, MGD3Config):
     """mgd3's options plus finetuned_backbone and finetune; eviction max-similarity."""
 
+    config_what: ClassVar[str] = "memory+mgd3"
     default_eviction: ClassVar[str] = "max-similarity"
 
 

@@ -31,13 +31,15 @@ With lambda 0 or ``stop_step=0`` no hook is installed and the output equals ``di
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from numbers import Integral, Real
+from typing import ClassVar, Literal
 
 import torch
 
 from gendd.backbone.sampling import Hook, StepState, sample
-from gendd.blocks.modes import check_mode_method, discover_modes
+from gendd.blocks.modes import MODE_METHODS, discover_modes
+from gendd.config import check
 from gendd.errors import ConfigError, DataError
 from gendd.methods.base import ClassContext, ClassResult, Method, register_method
 from gendd.methods.dit import DiTConfig, initial_noise
@@ -50,25 +52,21 @@ class MGD3Config(DiTConfig):
     t_stop = 25 of 50), guidance_form (mean|eps|auto), flip_augment (discover modes on images and
     their flips), mode_seed (random_state of the clustering; None = ``seed``; the reference uses 0)."""
 
-    mode_method: str = "kmeans"
-    mode_guidance_scale: float = 0.1
-    stop_step: int | None = None
-    guidance_form: Literal["mean", "eps", "auto"] = "auto"
-    flip_augment: bool = True
-    mode_seed: int | None = None
+    config_what: ClassVar[str] = "mgd3"
 
-    def __post_init__(self) -> None:
-        parent = getattr(super(), "__post_init__", None)
-        if parent is not None:
-            parent()
-        check_mode_method(self.mode_method)
-        if self.guidance_form not in ("mean", "eps", "auto"):
-            raise ConfigError(f"unknown guidance_form {self.guidance_form!r}; use mean, eps or auto")
+    mode_method: str = field(default="kmeans", metadata=check(choices=lambda: tuple(MODE_METHODS)))
+    mode_guidance_scale: float = field(default=0.1, metadata=check(Real))
+    stop_step: int | None = field(default=None, metadata=check(Integral, ge=0, optional=True))
+    guidance_form: Literal["mean", "eps", "auto"] = field(default="auto",
+                                                          metadata=check(choices=("mean", "eps", "auto")))
+    flip_augment: bool = field(default=True, metadata=check(bool))
+    mode_seed: int | None = field(default=None, metadata=check(Integral, optional=True))
+
+    def _check_fields(self) -> None:
+        super()._check_fields()
         if self.guidance_form == "mean" and self.sampler == "ddim":
             raise ConfigError("guidance_form 'mean' scales by the posterior std, which is 0 for DDIM; "
                               "use guidance_form eps or auto with sampler ddim")
-        if self.stop_step is not None and self.stop_step < 0:
-            raise ConfigError(f"stop_step must be >= 0 (or None for the default), got {self.stop_step}")
 
     def resolved_stop_step(self) -> int:
         """Guidance acts on steps ``0..stop_step-1`` (capped at num_steps)."""

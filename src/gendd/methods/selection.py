@@ -19,18 +19,19 @@ replacement (no duplicates; ties go to the lowest position, so the result is det
 Feature spaces (``feature_space``): ``"latent"`` the cached VAE latents (posterior mean, flattened;
 needs a backbone and the latent cache), ``"pixel"`` the raw pixels (flattened, [0, 1]; no
 backbone). The DC paper ran both baselines on features of a ConvNet trained on the full data;
-``"teacher"`` is reserved for that and raises ConfigError until a feature extractor exists.
+``"teacher"`` is reserved for that and is refused until a feature extractor exists.
 Distances are Euclidean, computed in float64.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 
+from gendd.config import check
 from gendd.data.base import to_float
 from gendd.errors import ConfigError, DataError
 from gendd.methods.base import ClassContext, ClassResult, Method, MethodConfig, register_method
@@ -109,26 +110,18 @@ class SelectionConfig(MethodConfig):
     """Attributes: feature_space ("latent": cached VAE latents, needs a backbone; "pixel": raw pixels;
     "teacher": reserved, not available yet)."""
 
-    feature_space: Literal["latent", "pixel"] = "latent"
+    config_what: ClassVar[str] = "herding"
 
-    def __post_init__(self) -> None:
-        if self.feature_space == "teacher":
-            raise ConfigError("feature_space='teacher' (features of a trained classifier) is not available "
-                              "yet; use 'latent' or 'pixel'")
-        if self.feature_space not in FEATURE_SPACES:
-            raise ConfigError(f"feature_space must be one of {FEATURE_SPACES}, got {self.feature_space!r}")
+    feature_space: Literal["latent", "pixel"] = field(default="latent", metadata=check(choices=FEATURE_SPACES))
 
 
 @dataclass
 class KCenterConfig(SelectionConfig):
     """Adds start: "mean" (item closest to the class mean; default) or "random" (DeepCore's rule)."""
 
-    start: Literal["mean", "random"] = "mean"
+    config_what: ClassVar[str] = "kcenter"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.start not in ("mean", "random"):
-            raise ConfigError(f"start must be 'mean' or 'random', got {self.start!r}")
+    start: Literal["mean", "random"] = field(default="mean", metadata=check(choices=("mean", "random")))
 
 
 class _Selection(Method):
