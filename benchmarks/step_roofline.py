@@ -89,18 +89,27 @@ def time_steps(net, fwd, x, y, augment, precision: str, steps: int) -> dict:
     return {"step_s": statistics.median(total), "dsa_s": statistics.median(aug)}
 
 
-def test_pass_seconds(net, precision: str, n: int = 10000, batch: int = 500) -> float:
+def test_pass(net, precision: str, peak: float, n: int = 10000, batch: int = 500) -> tuple[float, float]:
+    """Seconds of one test pass over ``n`` images in batches of ``batch`` (the DSA protocol's
+    ``test_batch_size``), and that time over its floor (forward FLOPs / GEMM peak)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     from gendd.hardware import autocast
 
     x = torch.randn(batch, 1, 28, 28)
     net.eval()
-    with torch.inference_mode(), autocast(precision):
-        net(x)
-        t0 = time.perf_counter()
-        for _ in range(n // batch):
-            net(x).argmax(1)
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as fc:
+            net(x)
+        with autocast(precision):
+            net(x)
+            t0 = time.perf_counter()
+            for _ in range(n // batch):
+                net(x).argmax(1)
+            seconds = time.perf_counter() - t0
     net.train()
-    return time.perf_counter() - t0
+    floor = fc.get_total_flops() * (n // batch) / (peak * 1e9)
+    return seconds, seconds / floor
 
 
 def _without_option(argv: list[str], name: str) -> list[str]:
@@ -159,8 +168,8 @@ def main(argv: list[str] | None = None) -> None:
           f" | malloc {args.allocator[0]}")
     print(f"GEMM peak: fp32 {peak32:.1f} GFLOP/s, bf16 {peak16:.1f} GFLOP/s; "
           f"native bf16: {report['cpu_bf16_native']}; precision auto -> {report['auto_precision']}")
-    print("| IPC | batch | GFLOP/step | floor s | path | step s | x floor | DSA s | test pass s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| IPC | batch | GFLOP/step | floor s | path | step s | x floor | DSA s | test pass s | test x floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     augment = DSAugment()
     for ipc in args.ipc:
         batch = min(256, 10 * ipc)
@@ -176,14 +185,16 @@ def main(argv: list[str] | None = None) -> None:
             net = build_student("convnet3", 1, 10, 28)
             fwd = torch.compile(net) if compiled else net
             t = time_steps(net, fwd, x, y, augment, precision, args.steps)
-            test_s = None if args.no_test_pass or ipc != args.ipc[0] else test_pass_seconds(fwd, precision)
+            test_s, test_x = (None, None) if args.no_test_pass or ipc != args.ipc[0] else \
+                test_pass(fwd, precision, peak32)
             name = precision + (" compiled" if compiled else "")
             row = {"ipc": ipc, "batch": batch, "gflop": flops / 1e9, "floor_s": floor, "path": name, **t,
-                   "x_floor": t["step_s"] / floor, "test_pass_s": test_s}
+                   "x_floor": t["step_s"] / floor, "test_pass_s": test_s, "test_x_floor": test_x}
             report["rows"].append(row)
             print(f"| {ipc} | {batch} | {flops / 1e9:.1f} | {floor:.3f} | {name} | {t['step_s']:.3f} | "
                   f"{t['step_s'] / floor:.2f} | {t['dsa_s']:.3f} | "
-                  f"{'' if test_s is None else f'{test_s:.1f}'} |", flush=True)
+                  f"{'' if test_s is None else f'{test_s:.1f}'} | {'' if test_x is None else f'{test_x:.2f}'} |",
+                  flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

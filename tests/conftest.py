@@ -69,54 +69,14 @@ def assert_close_f32(actual, expected, n: int, scale: float | None = None, k: fl
     """``torch.testing.assert_close`` with :func:`f32_tol` tolerances (``scale`` defaults to
     ``max |expected|``); extra keywords (``check_dtype=False``, ``msg``) are passed on."""
     rtol, atol = f32_tol(n, _magnitude(expected) if scale is None else scale, k)
-    _TEMP_log(actual, expected, rtol, atol)  # TEMP
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, **kw)
-
-
-def _TEMP_log(a, b, rtol, atol):  # TEMP
-    path = os.environ.get("GENDD_TOL_LOG")
-    if not path:
-        return
-    import inspect
-    a64, b64 = torch.as_tensor(a).detach().double(), torch.as_tensor(b).detach().double()
-    ratio = float(((a64 - b64).abs() / (atol + rtol * b64.abs())).max())
-    fr = inspect.stack()[2]
-    with open(path, "a") as f:
-        f.write(f"{os.path.basename(fr.filename)}:{fr.lineno} {fr.function} ratio={ratio:.3g} "
-                f"maxdiff={float((a64 - b64).abs().max()):.3g} rtol={rtol:.3g} atol={atol:.3g}\n")
 
 
 def approx_f32(expected, n: int, scale: float | None = None, k: float = 4):
     """``pytest.approx`` with :func:`f32_tol` tolerances for float32 scalars (``scale`` defaults to
     ``max |expected|``)."""
     rtol, atol = f32_tol(n, _magnitude(expected) if scale is None else scale, k)
-    return _TEMP_Approx(expected, rtol, atol)  # TEMP
-
-
-class _TEMP_Approx:  # TEMP: logs |a - b| / tolerance on comparison
-    def __init__(self, expected, rtol, atol):
-        self.e, self.r, self.a = expected, rtol, atol
-        self.p = pytest.approx(expected, rel=rtol, abs=atol)
-
-    def __eq__(self, other):
-        _TEMP_log2(other, self.e, self.r, self.a)
-        return self.p == other
-
-    def __repr__(self):
-        return repr(self.p)
-
-
-def _TEMP_log2(a, b, rtol, atol):  # TEMP
-    path = os.environ.get("GENDD_TOL_LOG")
-    if not path:
-        return
-    import inspect
-    a64, b64 = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    ratio = float(((a64 - b64).abs() / (atol + rtol * b64.abs())).max())
-    fr = inspect.stack()[2]
-    with open(path, "a") as f:
-        f.write(f"{os.path.basename(fr.filename)}:{fr.lineno} {fr.function} ratio={ratio:.3g} "
-                f"maxdiff={float((a64 - b64).abs().max()):.3g} rtol={rtol:.3g} atol={atol:.3g}\n")
+    return pytest.approx(expected, rel=rtol, abs=atol)
 
 
 @pytest.fixture(scope="session")

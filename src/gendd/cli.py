@@ -32,6 +32,8 @@ def teacher_train(
     batch_size: int = typer.Option(256, help="Batch size."),
     lr: float = typer.Option(0.1, help="SGD learning rate (cosine-decayed per epoch); 0.1 is the ResNet recipe, "
                              "DC's ConvNets do better at 0.01 (BENCHMARKS.md §9)."),
+    precision: str = typer.Option("auto", help="auto (bf16 autocast only where the hardware has native bf16), "
+                                  "fp32 or bf16."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """Train a teacher on a dataset's real training split (resumable) and save <out>/teacher.pt."""
@@ -40,7 +42,7 @@ def teacher_train(
     from gendd.evaluate.students import STUDENTS
     from gendd.evaluate.teacher import TeacherConfig, train_teacher
 
-    cfg = TeacherConfig(epochs=epochs, batch_size=batch_size, lr=lr)  # checked before any data is read
+    cfg = TeacherConfig(epochs=epochs, batch_size=batch_size, lr=lr, precision=precision)  # checked before any data is read
     if student not in STUDENTS:
         raise ConfigError(f"unknown student {student!r}; choose one of {sorted(STUDENTS)}")
     train = get_dataset(data, "train", root=data_root)

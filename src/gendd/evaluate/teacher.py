@@ -44,6 +44,7 @@ from gendd.errors import ConfigError, DataError, NumericalError
 from gendd.evaluate.imagenet_aug import TrainAugment, random_flip, resize_center_crop
 from gendd.evaluate.protocols import IMAGENET_SIZE
 from gendd.evaluate.students import STUDENTS, build_student, torchvision_resnet18_shapes
+from gendd.hardware import PRECISIONS, autocast, resolve_precision
 
 TEACHER_FILE = "teacher.pt"
 CHECKPOINT_FILE = "teacher.ckpt"
@@ -63,6 +64,8 @@ class TeacherConfig(Validated):
         test_limit: class-balanced test subset (tests only).
         seed: init, batch order and augmentation.
         num_threads: torch threads during training (``None`` = leave as is).
+        precision: of the forward passes: ``auto`` (bf16 only with native hardware support,
+            :mod:`gendd.hardware`), ``fp32`` or ``bf16``; the one used is saved with the teacher.
     """
 
     config_what: ClassVar[str] = "teacher config"
@@ -78,6 +81,7 @@ class TeacherConfig(Validated):
     eval_every: int = field(default=5, metadata=check(Integral, ge=0))
     test_limit: int | None = field(default=None, metadata=check(Integral, ge=1, optional=True))
     seed: int = field(default=0, metadata=check(Integral))
+    precision: str = field(default="auto", metadata=check(choices=PRECISIONS))
     num_threads: int | None = field(default=None, metadata=check(Integral, ge=1, optional=True))
 
     def lr_at(self, ep: int) -> float:
@@ -223,6 +227,7 @@ def train_teacher(dataset_train: ImageDataset, dataset_test: ImageDataset, stude
     labels = torch.from_numpy(dataset_train.labels.copy())
 
     with _threads(config.num_threads):
+        precision = resolve_precision(config.precision)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s_init)
             net = build_student(student_name, c, k, size)
@@ -263,7 +268,9 @@ def train_teacher(dataset_train: ImageDataset, dataset_test: ImageDataset, stude
                     if config.flip:
                         xb = random_flip(xb, g_aug)
                     xb = _normalize(xb, mean, std)
-                loss = F.cross_entropy(net(xb), labels[idx])
+                with autocast(precision):
+                    out = net(xb)
+                loss = F.cross_entropy(out.float(), labels[idx])
                 lv = float(loss.detach())
                 if not np.isfinite(lv):
                     raise NumericalError(f"teacher loss became {lv} at epoch {ep}; lower --lr")
@@ -287,7 +294,7 @@ def train_teacher(dataset_train: ImageDataset, dataset_test: ImageDataset, stude
                   "std": list(std), "test_acc": history[-1][2], "config": dataclasses.asdict(config),
                   "classes": list(dataset_train.classes), "dataset": dataset_train.name,
                   "test_split": dataset_test.split, "history": [list(h) for h in history],
-                  "seconds": time.perf_counter() - t0, "identity": identity}, final)
+                  "seconds": time.perf_counter() - t0, "identity": identity, "precision": precision}, final)
     ckpt.unlink(missing_ok=True)
     return load_teacher(final)
 

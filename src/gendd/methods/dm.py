@@ -54,6 +54,7 @@ from gendd.config import check
 from gendd.errors import ConfigError, DataError, NumericalError
 from gendd.evaluate.augment import DEFAULT_STRATEGY, DSAugment
 from gendd.evaluate.students import STUDENTS, build_student
+from gendd.hardware import PRECISIONS, autocast, resolve_precision
 from gendd.methods.base import ClassContext, ClassResult, Method, MethodConfig, register_method
 
 
@@ -70,7 +71,8 @@ class DMConfig(MethodConfig):
     lr_img (1.0), momentum (0.5), batch_real (256 real images per class and iteration), init
     ("real": a random draw of real images; "noise": N(0, 1) in normalised space), dsa_strategy
     ("none" disables augmentation), net (a registered student with ``embed``; "convnet3"), device
-    ("cpu" or "cuda"), save_float (also save the unquantised images and the loss curve)."""
+    ("cpu" or "cuda"), save_float (also save the unquantised images and the loss curve), precision
+    (of the embedding forwards: fp32 as the reference, bf16, or auto, :mod:`gendd.hardware`)."""
 
     config_what: ClassVar[str] = "dm"
 
@@ -83,6 +85,7 @@ class DMConfig(MethodConfig):
     net: str = field(default="convnet3", metadata=check(choices=lambda: tuple(sorted(STUDENTS))))
     device: str = field(default="cpu", metadata=check(str, test=_parse_device))
     save_float: bool = field(default=True, metadata=check(bool))
+    precision: str = field(default="fp32", metadata=check(choices=PRECISIONS))
 
 
 def net_seed(seed: int, iteration: int) -> int:
@@ -119,7 +122,7 @@ def denormalize_uint8(x: torch.Tensor, mean: Sequence[float], std: Sequence[floa
 
 def class_term(net: nn.Module, syn: torch.Tensor, real_u8: torch.Tensor, mean: torch.Tensor,
                std: torch.Tensor, batch_real: int, augment: DSAugment,
-               generator: torch.Generator) -> torch.Tensor:
+               generator: torch.Generator, precision: str = "fp32") -> torch.Tensor:
     """One class's DM loss ``|| mean embed(A(B)) - mean embed(A(syn)) ||^2`` for one iteration.
 
     Draws from ``generator`` (CPU), in order: the real batch ``B`` (``batch_real`` distinct images
@@ -133,9 +136,10 @@ def class_term(net: nn.Module, syn: torch.Tensor, real_u8: torch.Tensor, mean: t
     if augment.groups:
         real = augment(real, torch.Generator().manual_seed(aug_seed), siamese=True)
         syn = augment(syn, torch.Generator().manual_seed(aug_seed), siamese=True)
-    with torch.no_grad():
-        target = net.embed(real).mean(0)
-    return ((target - net.embed(syn).mean(0)) ** 2).sum()
+    with autocast(precision, syn.device):
+        with torch.no_grad():
+            target = net.embed(real).float().mean(0)
+        return ((target - net.embed(syn).float().mean(0)) ** 2).sum()
 
 
 def initial_images(ctx: ClassContext, init: str, real_u8: torch.Tensor, mean: torch.Tensor,
@@ -170,6 +174,7 @@ class DistributionMatching(Method):
     def distill_class(self, ctx: ClassContext) -> ClassResult:
         cfg, ds = self.config, ctx.dataset
         dev = self._device()
+        precision = resolve_precision(cfg.precision, dev)
         mean = torch.tensor(ds.mean, dtype=torch.float32, device=dev).view(1, -1, 1, 1)
         std = torch.tensor(ds.std, dtype=torch.float32, device=dev).view(1, -1, 1, 1)
         real_u8 = ds.load(ds.class_indices(ctx.label)).to(dev)
@@ -182,7 +187,7 @@ class DistributionMatching(Method):
                    dynamic_ncols=True)
         for it in bar:
             net = embedding_net(cfg.net, ds.channels, ds.num_classes, ds.image_size, net_seed(cfg.seed, it), dev)
-            loss = class_term(net, syn, real_u8, mean, std, cfg.batch_real, augment, ctx.generator)
+            loss = class_term(net, syn, real_u8, mean, std, cfg.batch_real, augment, ctx.generator, precision)
             lv = float(loss.detach())
             if not np.isfinite(lv):
                 raise NumericalError(f"DM loss became {lv} at iteration {it} of class {ctx.name!r}; "
@@ -196,7 +201,7 @@ class DistributionMatching(Method):
         bar.close()
         images = denormalize_uint8(syn, ds.mean, ds.std)
         tail = losses[-max(1, len(losses) // 10):] if losses else []
-        extra = {"init_indices": init_idx, "iterations": cfg.iterations,
+        extra = {"init_indices": init_idx, "iterations": cfg.iterations, "precision": precision,
                  "loss_first": losses[0] if losses else None,
                  "loss_last10pct": float(np.mean(tail)) if tail else None}
         tensors = {}
