@@ -16,7 +16,7 @@ Measures, with the torch threads given (default 1, one core):
 
     python benchmarks/step_roofline.py                      # this CPU as it is
     ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \\
-        python benchmarks/step_roofline.py                  # an AVX2-only CPU
+        python benchmarks/step_roofline.py --steps 3 --test-precisions fp32   # an AVX2-only CPU
     python benchmarks/step_roofline.py --json out.json --no-compile --steps 5   # out.default.json, out.tuned.json
 """
 
@@ -89,9 +89,10 @@ def time_steps(net, fwd, x, y, augment, precision: str, steps: int) -> dict:
     return {"step_s": statistics.median(total), "dsa_s": statistics.median(aug)}
 
 
-def test_pass(net, precision: str, peak: float, n: int = 10000, batch: int = 500) -> tuple[float, float]:
+def test_pass(net, fwd, precision: str, peak: float, n: int = 10000, batch: int = 500) -> tuple[float, float]:
     """Seconds of one test pass over ``n`` images in batches of ``batch`` (the DSA protocol's
-    ``test_batch_size``), and that time over its floor (forward FLOPs / GEMM peak)."""
+    ``test_batch_size``) through ``fwd`` (``net`` or its compiled form), and that time over its floor
+    (``net``'s forward FLOPs / GEMM peak)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from gendd.hardware import autocast
@@ -102,10 +103,10 @@ def test_pass(net, precision: str, peak: float, n: int = 10000, batch: int = 500
         with FlopCounterMode(display=False) as fc:
             net(x)
         with autocast(precision):
-            net(x)
+            fwd(x)
             t0 = time.perf_counter()
             for _ in range(n // batch):
-                net(x).argmax(1)
+                fwd(x).argmax(1)
             seconds = time.perf_counter() - t0
     net.train()
     floor = fc.get_total_flops() * (n // batch) / (peak * 1e9)
@@ -134,6 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile paths")
     ap.add_argument("--no-test-pass", action="store_true", help="skip timing the 10k-image test pass")
+    ap.add_argument("--test-precisions", nargs="+", default=None, choices=["fp32", "bf16"],
+                    help="precisions whose test pass is timed (default: --precisions; an emulated bf16 pass "
+                         "takes minutes)")
     ap.add_argument("--allocator", nargs="+", default=["default", "tuned"], choices=["default", "tuned"],
                     help="glibc malloc as is, and/or gendd.hardware.tune_allocator")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
@@ -185,8 +189,9 @@ def main(argv: list[str] | None = None) -> None:
             net = build_student("convnet3", 1, 10, 28)
             fwd = torch.compile(net) if compiled else net
             t = time_steps(net, fwd, x, y, augment, precision, args.steps)
-            test_s, test_x = (None, None) if args.no_test_pass or ipc != args.ipc[0] else \
-                test_pass(fwd, precision, peak32)
+            timed = args.test_precisions or args.precisions
+            test_s, test_x = (None, None) if args.no_test_pass or ipc != args.ipc[0] or precision not in timed else \
+                test_pass(net, fwd, precision, peak32)
             name = precision + (" compiled" if compiled else "")
             row = {"ipc": ipc, "batch": batch, "gflop": flops / 1e9, "floor_s": floor, "path": name, **t,
                    "x_floor": t["step_s"] / floor, "test_pass_s": test_s, "test_x_floor": test_x}

@@ -45,3 +45,28 @@ def test_flip_and_sampled_latents(toy_dataset, tiny_bb, tmp_path):
     s2 = LatentCache.build(toy_dataset, tiny_bb, tmp_path / "s2", EncodeSpec(sample=True, seed=1), progress=False)
     assert torch.equal(s1.latents(3), s2.latents(3))
     assert not torch.equal(s1.latents(3), LatentCache.build(toy_dataset, tiny_bb, tmp_path).latents(3))
+
+
+def test_random_flip_stores_each_image_once_flipped_or_not(toy_dataset, tiny_bb, tmp_path):
+    """random_flip: one latent per image, each that of the image or of its mirror, seeded per class."""
+    import pytest
+
+    from gendd.errors import ConfigError
+
+    spec = EncodeSpec(random_flip=True)
+    c = LatentCache.build(toy_dataset, tiny_bb, tmp_path, spec, progress=False)
+    z = c.latents(0)
+    images = to_float(toy_dataset.load_class(0))
+    plain, mirrored = tiny_bb.encode(images), tiny_bb.encode(images.flip(-1))
+    assert z.shape[0] == images.shape[0]
+    # the VAE encodes each image on its own, but batch contents differ from the cache's, so rows match
+    # up to float32 rounding, far below the gap between an image's latent and its mirror's
+    d_plain = (z - plain).flatten(1).abs().amax(1)
+    d_mirror = (z - mirrored).flatten(1).abs().amax(1)
+    tol = 1e-4 * plain.abs().max()
+    assert bool(((d_plain <= tol) | (d_mirror <= tol)).all())
+    assert 0 < int((d_mirror <= tol).sum()) < images.shape[0] or images.shape[0] < 4
+    again = LatentCache.build(toy_dataset, tiny_bb, tmp_path / "again", spec, progress=False)
+    assert torch.equal(again.latents(0), z)
+    with pytest.raises(ConfigError, match="exclude"):
+        EncodeSpec(flip=True, random_flip=True)

@@ -122,6 +122,7 @@ def test_export_saves_modes_and_facts(toy_dataset, tiny_bb, tmp_path):
 def test_flip_spec_and_mode_pool(toy_dataset, tiny_bb, tmp_path):
     assert build_method("mgd3").encode_spec() == EncodeSpec(sample=False, flip=True)
     assert build_method("mgd3", flip_augment=False).encode_spec() == EncodeSpec()
+    assert build_method("mgd3", flip_augment="random").encode_spec() == EncodeSpec(random_flip=True)
     m = build_method("mgd3", num_steps=2, cfg_scale=2.0)
     cache = _cache(toy_dataset, tiny_bb, tmp_path, m)
     assert cache.latents(0).shape[0] == 12  # 6 images + their flips

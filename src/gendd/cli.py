@@ -312,8 +312,8 @@ def run_cmd(
     out: Path = typer.Option(Path("runs/main"), help="Output folder (a `gendd bench` folder; re-run to resume)."),
     ipc: int = typer.Option(10, help="Images per class."),
     methods: str = typer.Option("random,dit,mgd3", help="Comma-separated methods."),
-    profile: str = typer.Option("demo", help="Evaluation profile: demo (100 epochs x 2 students, minutes on a "
-                                "laptop CPU), quick (300 x 3) or paper (1000 x 5)."),
+    profile: str = typer.Option("demo", help="Evaluation profile: demo (minutes on a laptop CPU), quick (300 "
+                                "epochs x 3 students) or paper (1000 x 5)."),
     workers: Optional[int] = typer.Option(None, help="Evaluation processes (default: one per CPU core)."),
     quiet: bool = typer.Option(False, help="No progress output."),
 ) -> None:
@@ -325,7 +325,10 @@ def run_cmd(
     main_job(out, methods=tuple(names), ipc=ipc, profile=profile, workers=workers, progress=not quiet)
     typer.echo((out / "results.md").read_text())
     if profile == "demo":
-        typer.echo(f"demo profile: 100 epochs x 2 students. The full evaluation of the same sets: "
+        from gendd.evaluate import get_profile
+
+        demo = get_profile("demo")
+        typer.echo(f"demo profile: {demo.epochs} epochs x {demo.repeats} students. The full evaluation of the same sets: "
                    f"gendd run --profile quick --methods {','.join(names)} --ipc {ipc} --out {out}")
 
 

@@ -125,13 +125,13 @@ class DSAProtocol(_Protocol):
 #: hardware has native bf16, fp32 elsewhere), test evaluations at
 #: epochs 100, 200 and 300. Its numbers are comparable with each other, not with DC/DSA tables;
 #: BENCHMARKS.md shows both profiles side by side at IPC 10. ``"demo"`` is the main job's (``gendd
-#: run``) profile, sized to finish in minutes on two cores without native bf16: ``quick`` with 100
-#: epochs (lr / 10 after pass 51), 2 students and one test pass at the end; BENCHMARKS.md §10 gives
+#: run``) profile, sized to finish in minutes on two cores without native bf16: ``quick`` with 60
+#: epochs (lr / 10 after pass 31), 2 students and one test pass at the end; BENCHMARKS.md §10 gives
 #: how far its figures are from ``quick``'s on the same sets.
 PROFILES: dict[str, DSAProtocol] = {
     "paper": DSAProtocol(eval_every=200),
     "quick": DSAProtocol(epochs=300, repeats=3, eval_every=100, precision="auto"),
-    "demo": DSAProtocol(epochs=100, repeats=2, eval_every=0, precision="auto"),
+    "demo": DSAProtocol(epochs=60, repeats=2, eval_every=0, precision="auto"),
 }
 
 

@@ -49,8 +49,9 @@ from gendd.methods.dit import DiTConfig, initial_noise
 class MGD3Config(DiTConfig):
     """Attributes (besides dit's): mode_method (a :mod:`gendd.blocks.modes` name), mode_guidance_scale
     (lambda), stop_step (guide steps ``i < stop_step``; None = ``(num_steps - 1) // 2``, the paper's
-    t_stop = 25 of 50), guidance_form (mean|eps|auto), flip_augment (discover modes on images and
-    their flips), mode_seed (random_state of the clustering; None = ``seed``; the reference uses 0)."""
+    t_stop = 25 of 50), guidance_form (mean|eps|auto), flip_augment (true: discover modes on the
+    images and their flips; "random": on one copy of each image, flipped with probability 1/2, as the
+    reference loader's RandomHorizontalFlip, half the encoding; false: no flips), mode_seed (random_state of the clustering; None = ``seed``; the reference uses 0)."""
 
     config_what: ClassVar[str] = "mgd3"
 
@@ -59,7 +60,7 @@ class MGD3Config(DiTConfig):
     stop_step: int | None = field(default=None, metadata=check(Integral, ge=0, optional=True))
     guidance_form: Literal["mean", "eps", "auto"] = field(default="auto",
                                                           metadata=check(choices=("mean", "eps", "auto")))
-    flip_augment: bool = field(default=True, metadata=check(bool))
+    flip_augment: bool | str = field(default=True, metadata=check(choices=(True, False, "random")))
     mode_seed: int | None = field(default=None, metadata=check(Integral, optional=True))
 
     def _check_fields(self) -> None:
@@ -111,7 +112,8 @@ class MGD3(Method):
     def encode_spec(self):
         from gendd.cache import EncodeSpec
 
-        return EncodeSpec(sample=False, flip=self.config.flip_augment)
+        flip = self.config.flip_augment
+        return EncodeSpec(sample=False, flip=flip is True, random_flip=flip == "random")
 
     def distill_class(self, ctx: ClassContext) -> ClassResult:
         cfg: MGD3Config = self.config
