@@ -167,6 +167,12 @@ class Check:
     def coerce(self, value: Any) -> Any:
         """A command-line string in the declared type ("50" -> 50, "nan" -> nan, "none" -> None, "true" -> True);
         a string that does not parse is returned as it is (and refused by :meth:`problem`)."""
+        if isinstance(value, str) and self.choices is not None:
+            low = value.strip().lower()
+            if value not in self._choices() and low in ("true", "false", "yes", "no") \
+                    and any(isinstance(c, bool) for c in self._choices()):
+                return low in ("true", "yes")  # a choice of true / false / "random"
+            return value
         if not isinstance(value, str) or str in self.types or self.choices is not None:
             return self.normalize(value)
         text = value.strip()
