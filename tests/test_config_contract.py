@@ -224,6 +224,10 @@ def test_other_commands_refuse_bad_arguments_before_loading_anything(tmp_path, m
         (["d3hr-regenerate", tmp_path, "--out", tmp_path / "d", "--ipc", "0"], "IPC must be"),
         (["run", "--out", tmp_path / "r", "--ipc", "0"], "IPC must be"),
         (["run", "--out", tmp_path / "r", "--methods", "random,nope"], "unknown method 'nope'"),
+        (["run", "--out", tmp_path / "r", "--profile", "fast"], "unknown evaluation profile 'fast'"),
+        (["backbone", "sample", "--out", tmp_path / "g.png", "--steps", "0"], "num_steps must be >= 1"),
+        (["backbone", "sample", "--out", tmp_path / "g.png", "--cfg-scale", "nan"], "cfg_scale must be a finite"),
+        (["backbone", "sample", "--out", tmp_path / "g.png", "--per-class", "0"], "--per-class must be >= 1"),
     ]:
         code, _, err = _cli(monkeypatch, capsys, *args)
         lines = err.strip().splitlines()

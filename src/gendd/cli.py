@@ -100,6 +100,13 @@ def backbone_sample(
     from gendd.export import save_grid
     from gendd.pipeline import resolve_backbone
 
+    from gendd.errors import ConfigError
+
+    for name, value in (("--per-class", per_class), ("--classes", classes)):
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    # the sampler options are checked before the backbone is loaded (its default scale stands in for None)
+    SamplerConfig(sampler, steps, 1.0 if cfg_scale is None else cfg_scale)
     bb = resolve_backbone(backbone, vae)
     g = torch.Generator().manual_seed(seed)
     n = min(classes, bb.num_classes)
