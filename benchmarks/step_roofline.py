@@ -18,6 +18,7 @@ Measures, with the torch threads given (default 1, one core):
     ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \\
         python benchmarks/step_roofline.py --steps 3 --test-precisions fp32   # an AVX2-only CPU
     python benchmarks/step_roofline.py --json out.json --no-compile --steps 5   # out.default.json, out.tuned.json
+    python benchmarks/step_roofline.py --ipc --encode                          # only the VAE encoder
 """
 
 from __future__ import annotations
@@ -113,6 +114,20 @@ def test_pass(net, fwd, precision: str, peak: float, n: int = 10000, batch: int 
     return seconds, seconds / floor
 
 
+def encode_seconds(n: int = 2048, batch: int = 256) -> float:
+    """Seconds to encode ``n`` random 28 px images with the shipped backbone's VAE (after one warm-up batch)."""
+    from gendd.pipeline import resolve_backbone
+
+    bb = resolve_backbone("fashion-mnist")
+    x = torch.rand(batch, 1, 28, 28) * 2 - 1
+    with torch.no_grad():
+        bb.encode(x)
+        t0 = time.perf_counter()
+        for _ in range(n // batch):
+            bb.encode(x)
+    return time.perf_counter() - t0
+
+
 def _without_option(argv: list[str], name: str) -> list[str]:
     """``argv`` without ``name`` and the values after it."""
     out, skip = [], False
@@ -131,7 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=7, help="timed steps per path (median)")
-    ap.add_argument("--ipc", type=int, nargs="+", default=[10, 50])
+    ap.add_argument("--ipc", type=int, nargs="*", default=[10, 50])
+    ap.add_argument("--encode", action="store_true",
+                    help="also time the shipped VAE encoder (the latent cache's work) on 2048 images")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile paths")
     ap.add_argument("--no-test-pass", action="store_true", help="skip timing the 10k-image test pass")
@@ -200,6 +217,10 @@ def main(argv: list[str] | None = None) -> None:
                   f"{t['step_s'] / floor:.2f} | {t['dsa_s']:.3f} | "
                   f"{'' if test_s is None else f'{test_s:.1f}'} | {'' if test_x is None else f'{test_x:.2f}'} |",
                   flush=True)
+    if args.encode:
+        report["encode_s_per_120k"] = encode_seconds() * 120_000 / 2048
+        print(f"VAE encode (shipped Fashion-MNIST backbone, batch 256): "
+              f"{report['encode_s_per_120k']:.0f} s per 120k images (60k images and their flips)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

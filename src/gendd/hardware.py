@@ -20,8 +20,8 @@
 
 **Allocator.** glibc's ``malloc`` serves blocks above 32 MiB with ``mmap`` and gives them back to the
 kernel on ``free``, so every large activation of a training step is page-faulted in and zeroed
-again: a ConvNet-3 step at batch 100 spends about a third of its time there, the VAE encoder
-40 %. :func:`tune_allocator` (called by the ``gendd`` entry point and its worker processes, never
+again: a ConvNet-3 step at batch 100 spends about 30 % of its time there, the VAE encoder
+35 % (BENCHMARKS.md §10). :func:`tune_allocator` (called by the ``gendd`` entry point and its worker processes, never
 on import) keeps freed memory in the heap instead (``mallopt(M_MMAP_MAX, 0)``,
 ``mallopt(M_TRIM_THRESHOLD, 2**31 - 1)``), the effect of a caching allocator such as jemalloc.
 """
