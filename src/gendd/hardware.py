@@ -61,8 +61,8 @@ def cpu_bf16_native() -> bool:
     cpu = torch.cpu
     has_isa = bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
                    or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
-    if not has_isa or torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
-        return False
+    if not has_isa or not torch.backends.cpu.get_cpu_capability().upper().startswith(("AVX512", "AMX")):
+        return False  # ATen dispatches AVX2 or older kernels (an old CPU, or ATEN_CPU_CAPABILITY=avx2)
     cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
     return cap in _ONEDNN_BF16_ISAS
 
