@@ -188,7 +188,8 @@ class BenchConfig(Validated):
     # ------------------------------------------------------------------ validation
     def _check_fields(self) -> None:
         """The rules between fields and against the registries (types and ranges are the fields' checks)."""
-        from gendd.evaluate import PROFILES, STUDENTS
+        from gendd.evaluate import PROFILES
+        from gendd.evaluate.students import student_builder
         from gendd.methods import build_method, get_method
         from gendd.pipeline import default_backbone_for
 
@@ -209,7 +210,7 @@ class BenchConfig(Validated):
                 raise ConfigError(msg if msg.startswith(f"method {spec.label!r}") else
                                   f"method {spec.label!r}: {msg}") from None
         for s in self.students:
-            need(s in STUDENTS, f"unknown student {s!r}; choose one of {sorted(STUDENTS)}")
+            student_builder(s)
         need(len(set(self.protocols)) == len(self.protocols), f"protocols has duplicates: {self.protocols}")
         for name in self.protocols:
             need(bool(_LABEL.match(name)), f"protocol name {name!r} must be letters, digits, _ . + -")

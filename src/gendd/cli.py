@@ -38,13 +38,12 @@ def teacher_train(
 ) -> None:
     """Train a teacher on a dataset's real training split (resumable) and save <out>/teacher.pt."""
     from gendd.data import get_dataset
-    from gendd.errors import ConfigError
-    from gendd.evaluate.students import STUDENTS
+    from gendd.evaluate.students import student_builder
     from gendd.evaluate.teacher import TeacherConfig, train_teacher
 
-    cfg = TeacherConfig(epochs=epochs, batch_size=batch_size, lr=lr, precision=precision)  # checked before any data is read
-    if student not in STUDENTS:
-        raise ConfigError(f"unknown student {student!r}; choose one of {sorted(STUDENTS)}")
+    # checked before any data is read
+    cfg = TeacherConfig(epochs=epochs, batch_size=batch_size, lr=lr, precision=precision)
+    student_builder(student)
     train = get_dataset(data, "train", root=data_root)
     test = get_dataset(data, "test", root=data_root)
     t = train_teacher(train, test, student, cfg, out, progress=not quiet)

@@ -46,16 +46,20 @@ def register_student(name: str) -> Callable[[StudentBuilder], StudentBuilder]:
     return deco
 
 
+def student_builder(name: str) -> StudentBuilder:
+    """The builder registered as ``name``; ConfigError listing the registered names otherwise."""
+    try:
+        return STUDENTS[name]
+    except KeyError:
+        raise ConfigError(f"unknown student {name!r}; choose one of {sorted(STUDENTS)}") from None
+
+
 def build_student(name: str, channels: int, num_classes: int, image_size: int) -> nn.Module:
     """A freshly initialised student (torch's default init, drawn from the global RNG).
 
     Seed it by calling this inside ``torch.random.fork_rng()`` after ``torch.manual_seed``.
     """
-    try:
-        builder = STUDENTS[name]
-    except KeyError:
-        raise ConfigError(f"unknown student {name!r}; choose one of {sorted(STUDENTS)}") from None
-    return builder(channels, num_classes, image_size)
+    return student_builder(name)(channels, num_classes, image_size)
 
 
 class ConvNet(nn.Module):

@@ -43,7 +43,7 @@ from gendd.data.base import ImageDataset
 from gendd.errors import ConfigError, DataError, NumericalError
 from gendd.evaluate.imagenet_aug import TrainAugment, random_flip, resize_center_crop
 from gendd.evaluate.protocols import IMAGENET_SIZE
-from gendd.evaluate.students import STUDENTS, build_student, torchvision_resnet18_shapes
+from gendd.evaluate.students import build_student, student_builder, torchvision_resnet18_shapes
 from gendd.hardware import PRECISIONS, autocast, resolve_precision
 
 TEACHER_FILE = "teacher.pt"
@@ -198,8 +198,7 @@ def train_teacher(dataset_train: ImageDataset, dataset_test: ImageDataset, stude
     from gendd.evaluate.train import _seed_streams, _threads
 
     config = config or TeacherConfig()
-    if student_name not in STUDENTS:
-        raise ConfigError(f"unknown student {student_name!r}; choose one of {sorted(STUDENTS)}")
+    student_builder(student_name)
     if dataset_train.classes != dataset_test.classes or dataset_train.channels != dataset_test.channels:
         raise DataError(f"teacher train split ({dataset_train.channels} channels, {dataset_train.num_classes} "
                         f"classes) and test split ({dataset_test.channels} channels, "
