@@ -96,10 +96,9 @@ def backbone_sample(
 
     from gendd.backbone import SamplerConfig, sample
     from gendd.data.base import to_uint8
+    from gendd.errors import ConfigError
     from gendd.export import save_grid
     from gendd.pipeline import resolve_backbone
-
-    from gendd.errors import ConfigError
 
     for name, value in (("--per-class", per_class), ("--classes", classes)):
         if value < 1:

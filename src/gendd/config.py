@@ -44,6 +44,9 @@ _NOUNS = {Real: "a number", Integral: "an integer", bool: "true or false", str: 
           list: "a list", dict: "a table", os.PathLike: "a path"}
 
 
+_BOOL_WORDS = {"true": True, "yes": True, "false": False, "no": False}
+
+
 def _fmt(x: Any) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
@@ -167,19 +170,20 @@ class Check:
     def coerce(self, value: Any) -> Any:
         """A command-line string in the declared type ("50" -> 50, "nan" -> nan, "none" -> None, "true" -> True);
         a string that does not parse is returned as it is (and refused by :meth:`problem`)."""
-        if isinstance(value, str) and self.choices is not None:
-            low = value.strip().lower()
-            if value not in self._choices() and low in ("true", "false", "yes", "no") \
-                    and any(isinstance(c, bool) for c in self._choices()):
-                return low in ("true", "yes")  # a choice of true / false / "random"
-            return value
-        if not isinstance(value, str) or str in self.types or self.choices is not None:
+        if not isinstance(value, str):
             return self.normalize(value)
         text = value.strip()
+        if self.choices is not None:  # e.g. true / false / "random": a bool word is the bool if it is a choice
+            choices = self._choices()
+            if value not in choices and text.lower() in _BOOL_WORDS and any(isinstance(c, bool) for c in choices):
+                return _BOOL_WORDS[text.lower()]
+            return value
+        if str in self.types:
+            return value
         if self.optional and text.lower() in ("none", "null"):
             return None
-        if bool in self.types and text.lower() in ("true", "false", "yes", "no"):
-            return text.lower() in ("true", "yes")
+        if bool in self.types and text.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[text.lower()]
         if Integral in self.types:
             try:
                 return int(text)

@@ -298,9 +298,9 @@ def main_job(out: str | os.PathLike = "runs/main", *, methods=("random", "dit", 
     cores = os.cpu_count() or 1
     overrides = dict(overrides or {})
     cells = len(methods) * overrides.get("repeats", get_profile(profile).repeats)
-    workers = workers or max(1, min(cores, cells))
+    workers = max(1, min(cores, cells)) if workers is None else workers
     method = {"mgd3": {"flip_augment": "random"}} if "mgd3" in methods else {}
     cfg = BenchConfig(methods=list(methods), ipc=[ipc], students=["convnet3"], protocols=[profile], name="main",
-                      data=data, workers=workers, threads=max(1, cores // workers), method=method,
+                      data=data, workers=workers, threads=max(1, cores // max(1, workers)), method=method,
                       protocol={profile: overrides} if overrides else {})
     return run_bench(cfg, out, progress=progress)
