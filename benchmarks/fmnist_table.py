@@ -35,7 +35,8 @@ def main() -> None:
                     help="run nothing: tabulate the students finished so far (from eval-*.partial.json)")
     args = ap.parse_args()
 
-    from gendd.pipeline import parse_options, summarize_runs, run_distill, run_evaluate
+    from gendd.evaluate.train import run_statistics
+    from gendd.pipeline import parse_options, run_distill, run_evaluate
 
     per_method: dict[str, list[str]] = {}
     for item in args.option:
@@ -57,7 +58,7 @@ def main() -> None:
             saved = json.loads(partial.read_text())
             if not saved["runs"]:
                 continue
-            s = {**summarize_runs(saved["runs"]), "protocol": saved["key"]["protocol"]}
+            s = {**run_statistics(saved["runs"]), "protocol": saved["key"]["protocol"]}
         else:
             options = {"seed": args.seed, **parse_options(per_method.get(m, []))}
             man = run_distill(m, "fashion-mnist", ipc, folder, options=options, progress=args.progress)

@@ -73,7 +73,7 @@ def test_tune_allocator_is_idempotent():
 def test_students_record_precision_and_mixed_pools_are_labelled():
     """A student records the precision its policy resolved to; a pooled summary says when they differ."""
     from gendd.evaluate import DSAProtocol, train_student
-    from gendd.pipeline import summarize_runs
+    from gendd.evaluate.train import run_statistics
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(8, 1, 12, 12, generator=g), torch.arange(8) % 2
@@ -81,5 +81,5 @@ def test_students_record_precision_and_mixed_pools_are_labelled():
     runs = [train_student(x, y, test, DSAProtocol(epochs=1, repeats=1, eval_every=0, precision=p), seed=0,
                           progress=False, num_classes=2) for p in ("fp32", "bf16")]
     assert [r["precision"] for r in runs] == ["fp32", "bf16"]
-    assert summarize_runs(runs[:1])["precision"] == "fp32"
-    assert summarize_runs(runs)["precision"] == "mixed: bf16 x1, fp32 x1"
+    assert run_statistics(runs[:1])["precision"] == "fp32"
+    assert run_statistics(runs)["precision"] == "mixed: bf16 x1, fp32 x1"

@@ -12,8 +12,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from gendd.errors import ConfigError, DataError
 
 #: Backbones shipped with the package, by name.
@@ -92,19 +90,6 @@ def run_distill(method_name: str, data: str, ipc: int, out: str | os.PathLike, *
     if bb is not None:  # after the cache: fine-tuning changes the DiT, not the VAE the cache was made with
         bb = method.prepare(ds, bb, cache_dir=cache_dir, progress=progress)
     return distill(method, ds, ipc, out, backbone=bb, cache=cache, progress=progress, overwrite=overwrite)
-
-
-def summarize_runs(runs: list[dict]) -> dict[str, float]:
-    """Mean ± population std (ddof 0, as the DC/DSA reference) of final and best accuracy over students,
-    and the precision they ran at (``"mixed: ..."`` when students of one protocol ran at different ones)."""
-    from gendd.hardware import precision_label
-
-    final = np.array([r["final_acc"] for r in runs])
-    best = np.array([r["best_acc"] for r in runs])
-    return {"final_mean": float(final.mean()), "final_std": float(final.std()),
-            "best_mean": float(best.mean()), "best_std": float(best.std()), "num_runs": len(runs),
-            "seconds_per_run": float(np.mean([r["seconds"] for r in runs])),
-            "precision": precision_label([r.get("precision", "unrecorded") for r in runs])}
 
 
 def recorded_data_root(folder: Path, manifest: dict, data: str) -> str | None:
@@ -233,6 +218,7 @@ def run_evaluate(folder: str | os.PathLike, *, data: str | None = None, data_roo
     pooled; they differ only by floating-point rounding).
     """
     from gendd.evaluate import evaluate_distilled
+    from gendd.evaluate.train import run_statistics
 
     folder, manifest, data, protocol, test, train, tag, partial_path, key = _evaluation_setup(
         folder, data, data_root, profile, overrides, compile)
@@ -257,7 +243,7 @@ def run_evaluate(folder: str | os.PathLike, *, data: str | None = None, data_roo
     runs = [r for r in runs if r["seed"] < protocol.repeats]
     if not runs:
         raise DataError(f"no student of {folder} under protocol {tag!r} has been trained yet")
-    summary = {**summarize_runs(runs), "profile": profile, "protocol": asdict(protocol), "dataset": data,
+    summary = {**run_statistics(runs), "profile": profile, "protocol": asdict(protocol), "dataset": data,
                "test_split": test.split, "test_size": len(test) if protocol.test_limit is None
                else protocol.test_limit, "train_size": len(train), "folder": str(folder),
                "method": manifest.get("method"), "ipc": manifest.get("ipc"), "runs": runs,

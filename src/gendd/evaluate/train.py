@@ -287,20 +287,25 @@ def evaluate_distilled(train_ds: ImageDataset, test_ds: ImageDataset, protocol: 
     return summarise_runs(runs, protocol, test_ds, int(test[0].shape[0]), y, test_ds.num_classes, t0, threads)
 
 
-def summarise_runs(runs: list[dict], protocol, test_ds: ImageDataset, test_size: int, train_labels: torch.Tensor,
-                   num_classes: int, t0: float, threads: int | None, **extra) -> dict:
-    """The result of an evaluation: mean and population std (``np.std``, as the references) of the
-    students' final and best accuracies, the runs, the protocol, the test split and the training set's
-    class counts; ``extra`` fields are added (e.g. the teacher)."""
+def run_statistics(runs: list[dict]) -> dict:
+    """Mean ± population std (``np.std``, ddof 0, as the references) of the students' final and best
+    accuracies, their number, mean seconds, and the precision they ran at (``"mixed: ..."`` when they
+    differ; ``"unrecorded"`` for students saved before precisions were recorded)."""
     final = np.array([r["final_acc"] for r in runs])
     best = np.array([r["best_acc"] for r in runs])
+    return {"final_mean": float(final.mean()), "final_std": float(final.std()),
+            "best_mean": float(best.mean()), "best_std": float(best.std()), "num_runs": len(runs),
+            "seconds_per_run": float(np.mean([r["seconds"] for r in runs])),
+            "precision": precision_label([r.get("precision", "unrecorded") for r in runs])}
+
+
+def summarise_runs(runs: list[dict], protocol, test_ds: ImageDataset, test_size: int, train_labels: torch.Tensor,
+                   num_classes: int, t0: float, threads: int | None, **extra) -> dict:
+    """The result of an evaluation: :func:`run_statistics`, the runs, the protocol, the test split and the
+    training set's class counts; ``extra`` fields are added (e.g. the teacher)."""
     return {
-        "final_mean": float(final.mean()), "final_std": float(final.std()),
-        "best_mean": float(best.mean()), "best_std": float(best.std()),
-        "num_runs": len(runs),
-        "seconds_per_run": float(np.mean([r["seconds"] for r in runs])),
+        **run_statistics(runs),
         "seconds_total": time.perf_counter() - t0,
-        "precision": precision_label([r.get("precision", "fp32") for r in runs]),
         "runs": runs,
         "protocol": dataclasses.asdict(protocol),
         "dataset": test_ds.name,
