@@ -66,14 +66,14 @@ def _idx_bytes(array: np.ndarray, magic: int) -> bytes:
     return header + array.astype(np.uint8).tobytes()
 
 
-def _write_fake_fmnist(root: Path, prefix: str, n: int,
-                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def _write_fake_fmnist(root: Path, prefix: str, n: int, seed: int = 0,
+                       mtime: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
     labels = np.arange(n, dtype=np.uint8) % 10
     root.mkdir(parents=True, exist_ok=True)
-    (root / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(images, 0x803)))
-    (root / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(labels, 0x801)))
+    (root / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(images, 0x803), mtime=mtime))
+    (root / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(labels, 0x801), mtime=mtime))
     return images, labels
 
 
@@ -105,9 +105,12 @@ def test_fashion_mnist_default_root_env(tmp_path, monkeypatch):
 
 
 def test_fashion_mnist_fingerprint_tracks_content(tmp_path):
-    _write_fake_fmnist(tmp_path / "a", "train", 20, seed=0)
-    _write_fake_fmnist(tmp_path / "b", "train", 20, seed=0)
-    _write_fake_fmnist(tmp_path / "c", "train", 20, seed=1)
+    # gzip stamps its header with a time: same content written at different times
+    _write_fake_fmnist(tmp_path / "a", "train", 20, seed=0, mtime=1)
+    _write_fake_fmnist(tmp_path / "b", "train", 20, seed=0, mtime=2)
+    _write_fake_fmnist(tmp_path / "c", "train", 20, seed=1, mtime=1)
+    assert (tmp_path / "a/train-images-idx3-ubyte.gz").read_bytes() != \
+        (tmp_path / "b/train-images-idx3-ubyte.gz").read_bytes()
     fa, fb, fc = (load_fashion_mnist("train", tmp_path / x).fingerprint() for x in "abc")
     assert fa == fb != fc
 

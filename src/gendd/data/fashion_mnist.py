@@ -47,7 +47,8 @@ def _find_file(root: Path, stem: str) -> Path:
 def read_idx(path: str | Path, expected_magic: int) -> tuple[np.ndarray, str]:
     """Parse one IDX file (gzip or raw) of unsigned bytes.
 
-    Returns the array, shaped by the header's dimensions, and the sha256 of the file's bytes.
+    Returns the array, shaped by the header's dimensions, and the sha256 of the decompressed
+    IDX bytes (gzip headers carry a timestamp, so the same content may be stored differently).
     Raises DataError when the file is unreadable, not gzip, has a wrong magic number, or its
     payload does not match the header's dimensions.
     """
@@ -56,7 +57,6 @@ def read_idx(path: str | Path, expected_magic: int) -> tuple[np.ndarray, str]:
         raw = path.read_bytes()
     except OSError as err:
         raise DataError(f"cannot read {path}: {err.strerror or err}; {_HINT}") from None
-    digest = hashlib.sha256(raw).hexdigest()
     if path.suffix == ".gz":
         try:
             data = gzip.decompress(raw)
@@ -81,7 +81,7 @@ def read_idx(path: str | Path, expected_magic: int) -> tuple[np.ndarray, str]:
         raise DataError(f"{path} holds {len(data) - header} data bytes, its IDX header "
                         f"{tuple(dims)} needs {count}; the file is corrupt or truncated")
     array = np.frombuffer(data, dtype=np.uint8, count=count, offset=header).reshape(dims)
-    return array, digest
+    return array, hashlib.sha256(data).hexdigest()
 
 
 def load_fashion_mnist(split: str = "train", root: str | Path | None = None) -> ImageDataset:
