@@ -65,15 +65,21 @@ def backbone_train(
     cfg_scale: float = typer.Option(3.0, help="Default guidance scale stored with the backbone."),
     checkpoint_every: int = typer.Option(200, help="Steps between checkpoints."),
     seed: int = typer.Option(0, help="Seed of initialisation, batches and noise."),
+    option: list[str] = typer.Option([], "--set", help="Further BackboneTrainConfig option key=value "
+                                     "(repeatable), e.g. latent_channels=8, lr_schedule=cosine, "
+                                     "vae_precision=auto, ema_decay=0.9995."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """Train a VAE, then a class-conditional DiT on its latents (resumable)."""
     from gendd.backbone.train import BackboneTrainConfig, train_backbone
+    from gendd.config import build_config
     from gendd.data import get_dataset
+    from gendd.pipeline import parse_options
 
-    cfg = BackboneTrainConfig(image_size=image_size, vae_steps=vae_steps, dit_steps=dit_steps,
-                              dit_layers=dit_layers, dit_hidden=dit_hidden, dit_heads=dit_heads,
-                              default_cfg_scale=cfg_scale, checkpoint_every=checkpoint_every, seed=seed)
+    opts = dict(image_size=image_size, vae_steps=vae_steps, dit_steps=dit_steps, dit_layers=dit_layers,
+                dit_hidden=dit_hidden, dit_heads=dit_heads, default_cfg_scale=cfg_scale,
+                checkpoint_every=checkpoint_every, seed=seed)
+    cfg = build_config(BackboneTrainConfig, {**opts, **parse_options(option)}, "backbone train")
     ds = get_dataset(data, "train", root=data_root)
     train_backbone(ds, out, cfg, progress=not quiet)
     typer.echo(f"backbone written to {out}")

@@ -9,6 +9,9 @@ Stage 2 (DiT, Peebles & Xie 2023; DDPM eps-objective, Ho et al. 2020):
 replaced by the null label with probability ``label_dropout`` (classifier-free guidance training).
 Weights used for sampling are an exponential moving average of the trained ones.
 
+Learning rates are constant (v1) or follow a cosine decay to zero over the stage's steps,
+``lr_t = lr * (1 + cos(pi * t / T)) / 2`` (Loshchilov & Hutter 2017, without restarts).
+
 Both stages checkpoint every ``checkpoint_every`` steps (model, EMA, optimiser, RNG, step) with an
 atomic rename, and resume from the last checkpoint when re-run with the same output folder.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +35,9 @@ from gendd.backbone.backbone import Backbone, BackboneMeta, _diffusers
 from gendd.config import Validated, check
 from gendd.data.base import ImageDataset, to_float
 from gendd.errors import ConfigError, NumericalError
+from gendd.hardware import PRECISIONS, autocast, resolve_precision
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -44,6 +51,8 @@ class BackboneTrainConfig(Validated):
         vae_steps, vae_batch_size, vae_lr, kl_weight: VAE optimisation (AdamW).
         dit_hidden, dit_layers, dit_heads, patch_size: DiT width/depth (hidden = heads * head dim).
         dit_steps, dit_batch_size, dit_lr, ema_decay, label_dropout: DiT optimisation (AdamW).
+        lr_schedule: ``"constant"`` or ``"cosine"`` (both stages).
+        vae_precision, dit_precision: precision policies (:mod:`gendd.hardware`) of each stage's steps.
         default_cfg_scale: guidance scale recorded with the backbone as its default.
         checkpoint_every: steps between checkpoints.
         seed: seeds initialisation, batches, noise and label dropout.
@@ -69,6 +78,9 @@ class BackboneTrainConfig(Validated):
     dit_lr: float = field(default=3e-4, metadata=check(Real, gt=0))
     ema_decay: float = field(default=0.999, metadata=check(Real, ge=0, lt=1))
     label_dropout: float = field(default=0.1, metadata=check(Real, ge=0, lt=1))
+    lr_schedule: str = field(default="constant", metadata=check(str, choices=LR_SCHEDULES))
+    vae_precision: str = field(default="fp32", metadata=check(str, choices=PRECISIONS))
+    dit_precision: str = field(default="fp32", metadata=check(str, choices=PRECISIONS))
     default_cfg_scale: float = field(default=3.0, metadata=check(Real))
     checkpoint_every: int = field(default=200, metadata=check(Integral, ge=1))
     seed: int = field(default=0, metadata=check(Integral))
@@ -136,8 +148,10 @@ class _Stage:
     checkpoint; ``resume`` puts it back in ``self.extra``.
     """
 
-    def __init__(self, name: str, model, lr: float, out: Path, ema_decay: float | None, seed: int):
+    def __init__(self, name: str, model, lr: float, out: Path, ema_decay: float | None, seed: int,
+                 schedule: str = "constant", total_steps: int = 0):
         self.name, self.model, self.out = name, model, out
+        self.lr, self.schedule, self.total_steps = lr, schedule, total_steps
         self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
         self.ema = copy.deepcopy(model).requires_grad_(False) if ema_decay else None
         self.ema_decay = ema_decay
@@ -172,6 +186,9 @@ class _Stage:
         if not torch.isfinite(loss):
             raise NumericalError(f"{self.name} loss is {loss.item()} at step {self.step}; lower the "
                                  "learning rate")
+        if self.schedule == "cosine":
+            for group in self.opt.param_groups:
+                group["lr"] = self.lr * 0.5 * (1.0 + math.cos(math.pi * self.step / max(1, self.total_steps)))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -218,18 +235,20 @@ def train_backbone(dataset: ImageDataset, out: str | os.PathLike, cfg: BackboneT
              "clip_sample": False}
 
     # ---------------- stage 1: VAE
-    vae_stage = _Stage("vae", vae.train(), cfg.vae_lr, out, None, cfg.seed)
+    vae_stage = _Stage("vae", vae.train(), cfg.vae_lr, out, None, cfg.seed, cfg.lr_schedule, cfg.vae_steps)
     vae_stage.resume()
+    vae_precision = resolve_precision(cfg.vae_precision, "cpu")
     t0 = time.time()
     bar = tqdm(total=cfg.vae_steps, initial=vae_stage.step, desc="VAE", disable=not progress)
     while vae_stage.step < cfg.vae_steps:
         idx = torch.randint(len(images), (cfg.vae_batch_size,), generator=vae_stage.gen)
         x = torch.nn.functional.pad(to_float(images[idx]), (pad,) * 4, value=-1.0)
-        dist = vae.encode(x).latent_dist
-        z = dist.sample(generator=vae_stage.gen)
-        rec = vae.decode(z).sample
-        mse = torch.nn.functional.mse_loss(rec, x)
-        kl = dist.kl().mean()  # per image, summed over latent dims
+        with autocast(vae_precision):
+            dist = vae.encode(x).latent_dist
+            z = dist.sample(generator=vae_stage.gen)
+            rec = vae.decode(z).sample
+        mse = torch.nn.functional.mse_loss(rec.float(), x)
+        kl = dist.kl().float().mean()  # per image, summed over latent dims
         loss = mse + cfg.kl_weight * kl / x[0].numel()  # = (SSE + kl_weight * KL) / pixels
         vae_stage.update(loss)
         bar.update(1)
@@ -260,8 +279,10 @@ def train_backbone(dataset: ImageDataset, out: str | os.PathLike, cfg: BackboneT
 
     # ---------------- stage 2: DiT
     disable_builtin_label_dropout(dit)
-    dit_stage = _Stage("dit", dit.train(), cfg.dit_lr, out, cfg.ema_decay, cfg.seed + 1)
+    dit_stage = _Stage("dit", dit.train(), cfg.dit_lr, out, cfg.ema_decay, cfg.seed + 1, cfg.lr_schedule,
+                       cfg.dit_steps)
     dit_stage.resume()
+    dit_precision = resolve_precision(cfg.dit_precision, "cpu")
     bb = Backbone(vae, dit, sched, meta)
     abar = bb.alphas_cumprod.float()
     t0 = time.time()
@@ -276,8 +297,9 @@ def train_backbone(dataset: ImageDataset, out: str | os.PathLike, cfg: BackboneT
         t = torch.randint(0, bb.num_train_timesteps, (z0.shape[0],), generator=g)
         noise = torch.randn(z0.shape, generator=g)
         zt = q_sample(z0, noise, abar[t])
-        pred = dit(zt, timestep=t, class_labels=y).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        with autocast(dit_precision):
+            pred = dit(zt, timestep=t, class_labels=y).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise)
         dit_stage.update(loss)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.update(1)
