@@ -94,3 +94,40 @@ def test_rerun_with_another_config_is_refused(tmp_path):
         train_backbone(ds, tmp_path / "bb", _tiny_cfg(dit_steps=3), progress=False)
     with pytest.raises(ConfigError, match="image_size"):
         train_backbone(ds, tmp_path / "odd", _tiny_cfg(image_size=15), progress=False)
+
+
+def test_cosine_schedule_sets_each_step_lr_and_resumes(tmp_path):
+    """lr_t = lr (1 + cos(pi t / T)) / 2 at update t (0-based), read from the step, so a resumed stage
+    continues the same schedule."""
+    import math
+
+    w = torch.nn.Linear(2, 1)
+    stage = _Stage("s", w, 0.1, tmp_path, None, 0, "cosine", 4)
+    seen = []
+    for _ in range(4):
+        stage.update(w(torch.ones(1, 2)).sum())
+        seen.append(stage.opt.param_groups[0]["lr"])
+    assert seen == [0.1 * 0.5 * (1 + math.cos(math.pi * t / 4)) for t in range(4)]
+    const = _Stage("c", torch.nn.Linear(2, 1), 0.1, tmp_path, None, 0)
+    const.update(const.model(torch.ones(1, 2)).sum())
+    assert const.opt.param_groups[0]["lr"] == 0.1
+
+
+def test_cosine_bf16_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    ds = make_dataset(size=12)
+    cfg = _tiny_cfg(lr_schedule="cosine", vae_precision="bf16")
+    train_backbone(ds, tmp_path / "whole", cfg, progress=False)
+    update = _Stage.update
+
+    def crash(self, loss):
+        if self.name == "dit" and self.step == 3:
+            raise KeyboardInterrupt
+        update(self, loss)
+
+    monkeypatch.setattr(_Stage, "update", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_backbone(ds, tmp_path / "split", cfg, progress=False)
+    monkeypatch.setattr(_Stage, "update", update)
+    train_backbone(ds, tmp_path / "split", cfg, progress=False)
+    a, b = _state(tmp_path / "whole"), _state(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same steps in the same order

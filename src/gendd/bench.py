@@ -30,7 +30,7 @@ TOML schema (every key optional unless marked)::
     methods = ["random", "dit"]  # REQUIRED: method labels (a registered method, or a [method.<label>] table)
     ipc = [1, 10]                # REQUIRED: int or list
     students = ["convnet3"]      # registered student names
-    protocols = ["quick"]        # profile names, or names defined in [protocol.<name>]
+    protocols = ["quick"]        # profile names, or names defined in [protocol.<name>]; [] = sets and metrics only
     repeats = 3                  # students per cell (default: each protocol's own)
     seed = 0                     # distillation seed (a method table may set its own)
     workers = 1                  # evaluation processes
@@ -130,7 +130,7 @@ class BenchConfig(Validated):
     methods: list[str] = field(metadata=_NAMES)
     ipc: list[int] = field(metadata=check(list, min_length=1, items=check(Integral, ge=1)))
     students: list[str] = field(default_factory=lambda: ["convnet3"], metadata=_NAMES)
-    protocols: list[str] = field(default_factory=lambda: ["quick"], metadata=_NAMES)
+    protocols: list[str] = field(default_factory=lambda: ["quick"], metadata=check(list, items=check(str)))
     repeats: int | None = field(default=None, metadata=check(Integral, ge=1, optional=True))
     name: str = field(default="bench", metadata=check(str, min_length=1))
     out: str | None = field(default=None, metadata=check(*_PATH, optional=True))

@@ -138,6 +138,31 @@ def backbone_info(backbone: str = typer.Argument("fashion-mnist", help="Shipped 
     typer.echo(json.dumps(info, indent=2))
 
 
+@backbone_app.command("quality")
+def backbone_quality(
+    out: Path = typer.Option(..., help="Output folder (quality.json, quality.md, the grids); re-run to resume."),
+    backbone: str = typer.Option("fashion-mnist", help="Shipped name or diffusers folder."),
+    data: str = typer.Option("fashion-mnist", help="Dataset name."),
+    data_root: Optional[Path] = typer.Option(None, help="Dataset root folder (ImageFolder datasets)."),
+    workers: int = typer.Option(1, help="Evaluation processes (one per core is the fast arrangement)."),
+    option: list[str] = typer.Option([], "--set", help="QualityConfig option key=value (repeatable), e.g. "
+                                     "cfg_scales=[1,2,3], ceiling_ipc=[10,50], sweep_ipc=[10], repeats=2, "
+                                     "profile=quick, samples_per_class=100, classifier=runs/teacher."),
+    quiet: bool = typer.Option(False, help="No progress output."),
+) -> None:
+    """Reconstruction error, reconstruction ceiling, samples per CFG scale and the downstream CFG sweep."""
+    from gendd.config import build_config
+    from gendd.pipeline import parse_options
+    from gendd.quality import QualityConfig, run_quality
+
+    opts = {"backbone": backbone, "data": data, "workers": workers,
+            "data_root": str(data_root) if data_root else None, **parse_options(option)}
+    cfg = build_config(QualityConfig, opts, "backbone quality")
+    run_quality(cfg, out, progress=not quiet)
+    typer.echo((Path(out) / "quality.md").read_text())
+    typer.echo(f"written to {out}/quality.json and quality.md")
+
+
 @app.command("datasets")
 def datasets_cmd() -> None:
     """List the dataset names gendd reads."""
