@@ -131,3 +131,24 @@ def test_cosine_bf16_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
     train_backbone(ds, tmp_path / "split", cfg, progress=False)
     a, b = _state(tmp_path / "whole"), _state(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same steps in the same order
+
+
+def test_resume_with_other_threads_and_checkpoint_interval(tmp_path, monkeypatch):
+    """num_threads and checkpoint_every say how a run executes: a run resumes under other recorded values
+    (here the same actual thread count, N then None = leave as is, so the steps are the same: exact)."""
+    ds = make_dataset(size=12)
+    train_backbone(ds, tmp_path / "whole", _tiny_cfg(), progress=False)
+    update = _Stage.update
+
+    def crash(self, loss):
+        if self.name == "dit" and self.step == 3:
+            raise KeyboardInterrupt
+        update(self, loss)
+
+    monkeypatch.setattr(_Stage, "update", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_backbone(ds, tmp_path / "split", _tiny_cfg(num_threads=torch.get_num_threads()), progress=False)
+    monkeypatch.setattr(_Stage, "update", update)
+    train_backbone(ds, tmp_path / "split", _tiny_cfg(checkpoint_every=1), progress=False)
+    a, b = _state(tmp_path / "whole"), _state(tmp_path / "split")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

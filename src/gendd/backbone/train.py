@@ -91,6 +91,14 @@ class BackboneTrainConfig(Validated):
             raise ConfigError(f"dit_hidden ({self.dit_hidden}) must be a multiple of dit_heads ({self.dit_heads})")
 
 
+#: How a run executes, not what it computes: a run resumes with other values of these.
+EXECUTION_FIELDS = ("num_threads", "checkpoint_every")
+
+
+def _identity(record: dict) -> dict:
+    return {**record, "config": {k: v for k, v in record["config"].items() if k not in EXECUTION_FIELDS}}
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -219,7 +227,7 @@ def train_backbone(dataset: ImageDataset, out: str | os.PathLike, cfg: BackboneT
     record = {"config": asdict(cfg), "dataset": dataset.name, "fingerprint": dataset.fingerprint()}
     if cfg_file.exists():
         old = json.loads(cfg_file.read_text())
-        if old != json.loads(json.dumps(record)):
+        if _identity(old) != _identity(json.loads(json.dumps(record))):
             raise ConfigError(f"{out} holds a run with a different config or dataset; use another --out")
     else:
         cfg_file.write_text(json.dumps(record, indent=2))
