@@ -102,3 +102,19 @@ def test_main_job_end_to_end_tiny_profile(tmp_path, capsys):
     lines = [ln for ln in capsys.readouterr().out.splitlines() if " student " in ln and "final" in ln]
     assert len(lines) == 4 and sum("left" in ln for ln in lines) == 3
     assert any("dit-ipc1 quick convnet3 student 2/2: final" in ln for ln in lines)
+
+
+def test_fashion_mnist_v1_stays_loadable_by_name():
+    """Published numbers were made with v1: its weights stay in the package, unchanged, under a fixed name."""
+    import hashlib
+
+    from gendd.pipeline import SHIPPED_BACKBONES, resolve_backbone, shipped_backbone_path
+
+    folder = shipped_backbone_path("fashion-mnist-v1")
+    sums = {part: hashlib.sha256((folder / part / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
+            for part in ("transformer", "vae")}
+    assert sums == {"transformer": "ed3ef8a27bb7372071aed892385184f259e3e16480909e7b91206cb5da8e6971",
+                    "vae": "bab20701a4f3a06d70cb1f575b3a5f56b7be3c0f531f5d0171b7ddf75232b8c0"}
+    bb = resolve_backbone("fashion-mnist-v1")
+    assert tuple(bb.latent_shape) == (4, 8, 8) and bb.meta.default_cfg_scale == 3.0
+    assert "fashion-mnist" in SHIPPED_BACKBONES  # the dataset's default backbone

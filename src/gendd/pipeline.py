@@ -14,8 +14,9 @@ from typing import Any
 
 from gendd.errors import ConfigError, DataError
 
-#: Backbones shipped with the package, by name.
-SHIPPED_BACKBONES = {"fashion-mnist": "fashion-mnist"}
+#: Backbones shipped with the package: name -> folder under ``gendd/assets/backbones``. A dataset's own name
+#: is its default backbone; earlier versions stay loadable by their versioned names (published numbers).
+SHIPPED_BACKBONES = {"fashion-mnist": "fashion-mnist-v1", "fashion-mnist-v1": "fashion-mnist-v1"}
 
 
 def shipped_backbone_path(name: str) -> Path:
