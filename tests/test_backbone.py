@@ -201,3 +201,28 @@ def test_bad_sampler_options(tiny_bb):
         SamplerConfig(sampler="euler")
     with pytest.raises(ConfigError):
         sample(tiny_bb, _latents(tiny_bb, 2), torch.tensor([0]), SamplerConfig("ddim", 3))
+
+
+@pytest.mark.parametrize("method,want_release", [("dit", 3), ("mgd3", 3), ("minimax", 3), ("memory", 3),
+                                                 ("d3hr", None), ("d4m", None)])
+def test_cfg_channels_auto_follows_each_reference_on_dit_releases(tiny_bb, tiny_bb_sigma, method, want_release):
+    """DiT-XL/2's forward_with_cfg guides three channels: "auto" reproduces that for the methods whose
+    reference samples with it; gendd's own backbones (no learned sigma) guide every channel."""
+    from gendd.methods import build_method
+
+    cfg = build_method(method).config
+    assert cfg.cfg_channels == "auto"
+    assert cfg.resolved_cfg_channels(tiny_bb_sigma) == want_release
+    assert cfg.resolved_cfg_channels(tiny_bb) is None
+    assert build_method(method, cfg_channels=2).config.resolved_cfg_channels(tiny_bb_sigma) == 2
+    assert build_method(method, cfg_channels=None).config.resolved_cfg_channels(tiny_bb_sigma) is None
+
+
+def test_cfg_channels_refuses_other_words():
+    from gendd.errors import ConfigError
+    from gendd.methods import build_method
+
+    with pytest.raises(ConfigError, match="auto"):
+        build_method("dit", cfg_channels="three")
+    with pytest.raises(ConfigError, match=">= 1"):
+        build_method("dit", cfg_channels=0)

@@ -23,7 +23,7 @@ def test_random_export_layout_and_manifest(toy_dataset, tmp_path):
     assert len(list((out / "c2").glob("*.png"))) == 4
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest == json.loads(json.dumps(m, default=str))
-    assert manifest["complete"] and manifest["method"] == "random" and manifest["config"] == {"seed": 3}
+    assert manifest["complete"] and manifest["method"] == "random" and manifest["config"] == {"seed": 3, "reconstruct": False}
     assert {"torch", "python", "gendd"} <= set(manifest["versions"])
     for rel, digest in manifest["files"].items():
         assert sha256_file(out / rel) == digest
@@ -54,6 +54,9 @@ def test_dit_same_seed_identical_files(toy_dataset, tiny_bb, tmp_path):
     from safetensors.torch import load_file
     lat = load_file(str(tmp_path / "a" / "latents" / "c0.safetensors"))["latents"]
     assert lat.shape == (2, *tiny_bb.latent_shape)
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["config"]["cfg_channels"] == "auto"
+    assert manifest["resolved"] == {"cfg_scale": 2.0, "cfg_channels": None}  # gendd's own backbone: all channels
 
 
 class _Interrupting(Method):

@@ -155,6 +155,9 @@ def _export(method: Method, dataset: ImageDataset, ipc: int, out: Path, identity
     # where the data was read (not part of the run's identity: a moved copy of the same data resumes);
     # `gendd evaluate` finds the test split there without --data-root
     manifest["dataset_root"] = dataset.root
+    resolve = getattr(method.config, "resolved", None)
+    if resolve is not None and backbone is not None:  # what "auto"/None options became for this backbone
+        manifest["resolved"] = resolve(backbone)
     for stale in out.glob(".partial-*"):  # left by an interrupted run
         shutil.rmtree(stale)
     todo = [c for c in classes if not (out / dataset.classes[c]).is_dir()]

@@ -80,6 +80,7 @@ class D3HRConfig(DiTConfig):
     """
 
     config_what: ClassVar[str] = "d3hr"
+    reference_cfg_channels: ClassVar[int | None] = None  # reference: DDIM on all channels
 
     sampler: Literal["ddpm", "ddim"] = field(default="ddim", metadata=check(choices=SAMPLERS))
     inversion_steps: int = field(default=31, metadata=check(Integral, ge=0))

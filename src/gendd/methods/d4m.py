@@ -48,6 +48,7 @@ class D4MConfig(DiTConfig):
     mode_seed (random_state of the clustering; None = ``seed``; D4M uses 0)."""
 
     config_what: ClassVar[str] = "d4m"
+    reference_cfg_channels: ClassVar[int | None] = None  # reference: Stable Diffusion, no channel quirk
 
     sampler: Literal["ddpm", "ddim"] = field(default="ddim", metadata=check(choices=SAMPLERS))
     strength: float = field(default=0.7, metadata=check(Real, ge=0, le=1))

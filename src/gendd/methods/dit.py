@@ -2,6 +2,12 @@
 
 DDPM-50 on DiT's respaced chain is what Minimax, MGD3 and the memory paper sample with; DDIM-50 is
 D3HR's sampler. ``cfg_scale=None`` takes the backbone's default (4.0 for DiT-XL/2).
+
+``cfg_channels="auto"`` follows each method's reference on the original DiT release (learned sigma, 4 latent
+channels: DiT-XL/2 and its family), whose ``forward_with_cfg`` guides only the first three latent channels:
+3 for dit, mgd3, minimax and memory (``reference_cfg_channels``), all channels for d3hr (and d4m, whose reference
+is Stable Diffusion). Any other backbone (gendd's own) guides all channels. The resolved value is recorded in
+the manifest (``resolved``).
 """
 
 from __future__ import annotations
@@ -14,26 +20,53 @@ import torch
 
 from gendd.backbone.sampling import SAMPLERS, SamplerConfig, sample
 from gendd.config import check
+from gendd.errors import ConfigError
 from gendd.methods.base import ClassContext, ClassResult, Method, MethodConfig, register_method
+
+
+def _check_cfg_channels(value) -> None:
+    if isinstance(value, str) and value != "auto":
+        raise ConfigError('use an integer >= 1, None (all channels) or "auto"')
+    if not isinstance(value, str) and value is not None and value < 1:
+        raise ConfigError("must be >= 1")
+
+
+def is_dit_release(backbone) -> bool:
+    """The original DiT family (learned sigma, 4 latent channels), whose CFG guides three channels."""
+    return bool(backbone.learned_sigma) and backbone.latent_shape[0] == 4
 
 
 @dataclass
 class DiTConfig(MethodConfig):
     """Attributes: sampler (ddpm|ddim), num_steps, cfg_scale (None = backbone default),
-    cfg_channels (3 = DiT's guide-three-channels quirk; None = all), batch_size."""
+    cfg_channels (guide the first k latent channels; None = all; "auto" = the method's reference on a DiT
+    release, module docstring), batch_size."""
 
     config_what: ClassVar[str] = "dit"
+    #: channels the method's reference guides on a DiT release (``forward_with_cfg``'s three).
+    reference_cfg_channels: ClassVar[int | None] = 3
 
     sampler: Literal["ddpm", "ddim"] = field(default="ddpm", metadata=check(choices=SAMPLERS))
     num_steps: int = field(default=50, metadata=check(Integral, ge=1))
     cfg_scale: float | None = field(default=None, metadata=check(Real, optional=True))
-    cfg_channels: int | None = field(default=None, metadata=check(Integral, ge=1, optional=True))
+    cfg_channels: int | str | None = field(default="auto", metadata=check(Integral, str, optional=True,
+                                                                          test=_check_cfg_channels))
     batch_size: int = field(default=256, metadata=check(Integral, ge=1))
+
+    def resolved_cfg_channels(self, backbone) -> int | None:
+        if self.cfg_channels != "auto":
+            return self.cfg_channels
+        return self.reference_cfg_channels if is_dit_release(backbone) else None
 
     def sampler_config(self, backbone) -> SamplerConfig:
         scale = backbone.meta.default_cfg_scale if self.cfg_scale is None else self.cfg_scale
         return SamplerConfig(sampler=self.sampler, num_steps=self.num_steps, cfg_scale=scale,
-                             cfg_channels=self.cfg_channels, batch_size=self.batch_size)
+                             cfg_channels=self.resolved_cfg_channels(backbone), batch_size=self.batch_size)
+
+    def resolved(self, backbone) -> dict:
+        """The values of the automatic options for ``backbone`` (recorded in the manifest)."""
+        cfg = self.sampler_config(backbone)
+        return {"cfg_scale": cfg.cfg_scale, "cfg_channels": cfg.cfg_channels}
 
 
 def initial_noise(ctx: ClassContext) -> torch.Tensor:
