@@ -286,3 +286,20 @@ def test_backbone_finetune_defaults_fill_unset_options(toy_dataset, tiny_bb, tmp
     assert m.config.finetune.steps == 3  # what the manifest records is the resolved config
     explicit = build_method("minimax", finetune=FinetuneConfig(steps=7))
     assert explicit.config.resolve_finetune(loaded).steps == 7
+
+
+def test_epochs_count_images_not_cached_flipped_copies(toy_dataset, tiny_bb, tmp_path):
+    """An epoch is one pass over the images (the reference flips on the fly): a flip-doubled cache of 24
+    images at batch 4 gives 6 steps per epoch, not 12."""
+    from gendd.cache import LatentCache
+
+    steps = {}
+    for flip in (True, False):
+        cfg = FinetuneConfig(epochs=1, batch_size=4, memory_size=3, flip=flip, checkpoint_every=100)
+        cache = LatentCache.build(toy_dataset, tiny_bb, tmp_path / "cache", cfg.encode_spec(), progress=False)
+        assert sum(cache.latents(c).shape[0] for c in range(4)) == (48 if flip else 24)
+        res = finetune(tiny_bb, cache, tmp_path / f"ft-{flip}", cfg, progress=False)
+        steps[flip] = res.chunks[0].steps
+    assert steps == {True: 6, False: 6}
+    assert FinetuneConfig(epochs=2, batch_size=4).steps_for(48, 24) == 12
+    assert FinetuneConfig(epochs=2, batch_size=4, steps=5).steps_for(48, 24) == 5

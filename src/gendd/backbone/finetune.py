@@ -87,8 +87,9 @@ class FinetuneConfig(Validated):
     batch, EMA horizon (``0.9999 ** 12000 = 0.30``) and memory turnover, and shares MGD3's latent cache.
 
     Attributes:
-        epochs: passes over each chunk's latents (reference 8); ignored when ``steps`` is set.
-        steps: optimiser steps per chunk (None = ``round(epochs * (n // batch_size))``).
+        epochs: passes over each chunk's images (reference 8; a cached flipped copy is not another image,
+            so with ``flip`` an epoch is half a pass over the cache); ignored when ``steps`` is set.
+        steps: optimiser steps per chunk (None = ``round(epochs * (images // batch_size))``).
         batch_size: latents per step (reference 8).
         lr: AdamW learning rate, weight decay 0 (reference 1e-3).
         ema_decay: EMA of the weights, used for sampling (reference 0.9999); 0 = no EMA (last weights).
@@ -150,13 +151,17 @@ class FinetuneConfig(Validated):
 
         return EncodeSpec(sample=self.latent_sample, flip=self.flip, seed=self.seed)
 
-    def steps_for(self, num_items: int) -> int:
+    def steps_for(self, num_items: int, num_images: int | None = None) -> int:
+        """Optimiser steps for a chunk of ``num_items`` cached latents made from ``num_images`` images
+        (fewer when the cache holds flipped copies): an epoch is one pass over the images, as the
+        reference's on-the-fly RandomHorizontalFlip sees each image once per epoch."""
         if num_items < self.batch_size:
             raise DataError(f"a fine-tuning chunk has {num_items} latents, fewer than batch_size "
                             f"{self.batch_size}; lower batch_size or use larger class chunks")
         if self.steps is not None:
             return self.steps
-        return max(1, round(self.epochs * (num_items // self.batch_size)))
+        images = num_items if num_images is None else num_images
+        return max(1, round(self.epochs * (images // self.batch_size)))
 
 
 @dataclass
@@ -317,6 +322,12 @@ class _Latents:
         z = self.source[c] if isinstance(self.source, Mapping) else self.source.latents(c)
         return z.float()
 
+    def images(self, c: int) -> int:
+        """Distinct source images of class ``c`` (a cached flipped copy shares its image's index)."""
+        if isinstance(self.source, Mapping):
+            return int(self.source[c].shape[0])
+        return int(torch.unique(self.source.load(c)[1]).numel())
+
     def fingerprint(self) -> str:
         if not isinstance(self.source, Mapping):
             return f"cache:{Path(self.source.root).name}"
@@ -405,7 +416,7 @@ def _finetune_chunk(backbone: Backbone, src: _Latents, labels: list[int], model_
     y_local = torch.cat([torch.full((z.shape[0],), c, dtype=torch.long) for c, z in zip(labels, zs)])
     y_model_all = torch.as_tensor(model_labels, dtype=torch.long)[y_local]
     n, bs = z_all.shape[0], cfg.batch_size
-    total = cfg.steps_for(n)
+    total = cfg.steps_for(n, sum(src.images(c) for c in labels))
     per_epoch = n // bs
     model = trainable_transformer(backbone, cfg).to(device)
     stage = _Stage(f"chunk_{k:03d}", model, cfg.lr, out, cfg.ema_decay or None, _mix(cfg.seed, k, 1))
