@@ -219,7 +219,7 @@ def test_lr_schedule_four_epochs():
     r = train_student(x.float() / 255, y, test, _tiny(epochs=4), seed=0, progress=False)
     # decay epoch = 4 // 2 + 1 = 3: passes 0..3 at lr, pass 4 at lr / 10 (epochs + 1 passes)
     assert r["lrs"] == pytest.approx([0.01, 0.01, 0.01, 0.01, 0.001])
-    assert [e for e, _ in r["history"]] == [1, 2, 3, 4]
+    assert [e for e, _ in r["history"]] == [2, 3, 4, 5]  # passes completed; tests after passes 1..4 (0-based)
     assert r["final_acc"] == r["history"][-1][1]
 
 

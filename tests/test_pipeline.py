@@ -89,7 +89,7 @@ def test_parse_options():
 def test_main_job_end_to_end_tiny_profile(tmp_path, capsys):
     """The README's main job on the shipped backbone, with a 1-epoch profile and 100 test images; the
     students run in two processes and each prints one line when it finishes."""
-    from gendd.pipeline import main_job
+    from gendd.bench import main_job
 
     over = {"epochs": 1, "repeats": 2, "test_limit": 100}
     rows = main_job(tmp_path, methods=("random", "dit"), ipc=1, profile="quick", progress=True, workers=2,

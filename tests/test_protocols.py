@@ -29,17 +29,11 @@ from gendd.evaluate import (
 from gendd.evaluate import imagenet_aug as A
 from gendd.evaluate import teacher as teacher_mod
 from gendd.evaluate.students import build_student
-from gendd.evaluate.train_protocols import (
-    adamw_param_groups,
-    cutmix_ce_loss,
-    prepare_test_u8,
-    soft_label_loss,
-    teacher_class_map,
-    eval_transform,
-)
+from gendd.evaluate.data import eval_transform, prepare_test_u8
+from gendd.evaluate.recipes import adamw_param_groups, cutmix_ce_loss, soft_label_loss, teacher_class_map
 
-RUN_KEYS = {"final_acc", "best_acc", "best_epoch", "history", "lrs", "final_loss", "seconds",
-            "eval_seconds", "epochs", "seed"}
+RUN_KEYS = {"final_acc", "best_acc", "best_epoch", "history", "lrs", "losses", "final_loss", "seconds",
+            "eval_seconds", "epochs", "seed", "precision", "history_unit"}
 
 
 def _split(ds, split):

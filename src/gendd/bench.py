@@ -662,7 +662,7 @@ def collect_rows(cfg: BenchConfig, out: Path, groups, t_distill: dict[str, float
     Acc(syn, any); a soft-label row (a :class:`~gendd.evaluate.SoftLabelProtocol` profile) takes
     Acc(syn, hard) from the grid's first hard-label protocol for the same set and student, and has no
     LRS if the grid has none."""
-    from gendd.evaluate import PROFILES, SoftLabelProtocol
+    from gendd.evaluate import PROFILES
     from gendd.metrics import METRIC_NAMES, augmentation_robust_score, label_robust_score
 
     data_root = str(cfg.data_root) if cfg.data_root else None
@@ -691,7 +691,7 @@ def collect_rows(cfg: BenchConfig, out: Path, groups, t_distill: dict[str, float
             m = (teacher_metric or {}).get(folder.name, {})
             row.update({f"teacher_{k}": m.get(k, float("nan")) for k in METRIC_NAMES})
         rows.append(row)
-    soft = {p.name for p in cfg.protocol_specs() if isinstance(PROFILES[p.profile], SoftLabelProtocol)}
+    soft = {p.name for p in cfg.protocol_specs() if PROFILES[p.profile].soft_labels}
     hard = next((p for p in cfg.protocols if p not in soft), None)
     # DD-Ranking-style scores against the random-subset baseline under the same protocol
     index = {(r["method"], r["ipc"], r["protocol"], r["student"]): r for r in rows}
@@ -797,3 +797,29 @@ def write_results(cfg: BenchConfig, out: Path, rows: list[dict], set_metric: dic
                                        "git_rev": rev, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                        "rows": rows, "set_metrics": set_metric,
                                        "set_metrics_teacher": teacher_metric or {}})
+
+
+def main_job(out: str | os.PathLike = "runs/main", *, methods=("random", "dit", "mgd3"), ipc: int = 10,
+             profile: str = "demo", data: str = "fashion-mnist", progress: bool = True,
+             workers: int | None = None, overrides: dict | None = None) -> list[dict]:
+    """Distil ``data`` at ``ipc`` with each method and evaluate every set under ``profile``: a
+    :func:`run_bench` grid of one IPC and one ConvNet-3 column, written to ``out``
+    (``out/sets/<method>-ipc<ipc>/``, ``out/results.md``); returns the rows.
+
+    Students run in ``workers`` processes (default: one per CPU core, at most one per student) with
+    ``cores // workers`` torch threads each: on small CPUs one student per core is faster than one
+    student on all cores. Each finished student prints one line with its accuracy and the time left.
+    ``mgd3`` discovers its modes on one randomly flipped copy of each image (``flip_augment="random"``,
+    the reference loader's RandomHorizontalFlip) rather than on both orientations: half the encoding.
+    Results do not depend on ``workers``. ``overrides``: protocol fields to change (e.g. ``epochs``)."""
+    from gendd.evaluate import get_profile
+
+    cores = os.cpu_count() or 1
+    overrides = dict(overrides or {})
+    cells = len(methods) * overrides.get("repeats", get_profile(profile).repeats)
+    workers = max(1, min(cores, cells)) if workers is None else workers
+    method = {"mgd3": {"flip_augment": "random"}} if "mgd3" in methods else {}
+    cfg = BenchConfig(methods=list(methods), ipc=[ipc], students=["convnet3"], protocols=[profile], name="main",
+                      data=data, workers=workers, threads=max(1, cores // max(1, workers)), method=method,
+                      protocol={profile: overrides} if overrides else {})
+    return run_bench(cfg, out, progress=progress)

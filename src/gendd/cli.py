@@ -354,7 +354,7 @@ def run_cmd(
     quiet: bool = typer.Option(False, help="No progress output."),
 ) -> None:
     """Main job: distil Fashion-MNIST with each method, evaluate each set, print the table."""
-    from gendd.pipeline import main_job
+    from gendd.bench import main_job
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     _check_run_args(names, ipc, profile, workers)

@@ -1,4 +1,4 @@
-"""The pipeline stages the CLI calls: resolve a backbone, distil, evaluate (resumable), main job.
+"""The pipeline stages the CLI calls: resolve a backbone, distil, evaluate (resumable).
 
 data -> backbone -> latent cache -> method -> export -> evaluate -> report
 """
@@ -164,15 +164,18 @@ def _evaluation_setup(folder, data, data_root, profile, overrides, compile):
     return folder, manifest, data, protocol, test, train, tag, folder / f"eval-{tag}.partial.json", key
 
 
-def _saved_runs(partial_path: Path, key: dict) -> list[dict]:
-    """The students saved in ``partial_path`` if its key matches ``key`` (else none)."""
+def _saved_runs(partial_path: Path, key: dict, family: str) -> list[dict]:
+    """The students saved in ``partial_path`` if its key matches ``key`` (else none), in the current
+    history convention (:func:`gendd.evaluate.fit.migrate_run`)."""
+    from gendd.evaluate.fit import migrate_run
+
     if not partial_path.exists():
         return []
     saved = json.loads(partial_path.read_text())
     old = saved.get("key", {})
     if isinstance(old.get("protocol"), dict):  # files written before compile/num_threads left the key
         old["protocol"] = {k: v for k, v in old["protocol"].items() if k not in ("compile", "num_threads")}
-    return saved["runs"] if old == json.loads(json.dumps(key)) else []
+    return [migrate_run(r, family) for r in saved["runs"]] if old == json.loads(json.dumps(key)) else []
 
 
 class _FileLock:
@@ -199,8 +202,8 @@ class _FileLock:
 def evaluation_done_seeds(folder: str | os.PathLike, *, data: str | None = None, data_root=None,
                           profile: str = "quick", overrides: dict | None = None) -> set[int]:
     """Student seeds already saved for this folder and protocol (what :func:`run_evaluate` would skip)."""
-    *_, partial_path, key = _evaluation_setup(folder, data, data_root, profile, overrides, None)
-    return {int(r["seed"]) for r in _saved_runs(partial_path, key)}
+    *_, protocol, _, _, _, partial_path, key = _evaluation_setup(folder, data, data_root, profile, overrides, None)
+    return {int(r["seed"]) for r in _saved_runs(partial_path, key, protocol.family)}
 
 
 def run_evaluate(folder: str | os.PathLike, *, data: str | None = None, data_root=None, profile: str = "quick",
@@ -227,7 +230,7 @@ def run_evaluate(folder: str | os.PathLike, *, data: str | None = None, data_roo
     bad = [s for s in todo if not 0 <= s < protocol.repeats]
     if bad:
         raise ConfigError(f"student seeds {bad} are outside 0..{protocol.repeats - 1} (repeats)")
-    runs = _saved_runs(partial_path, key)
+    runs = _saved_runs(partial_path, key, protocol.family)
     t0 = time.time()
     for seed in todo:
         if any(r["seed"] == seed for r in runs):
@@ -236,7 +239,7 @@ def run_evaluate(folder: str | os.PathLike, *, data: str | None = None, data_roo
         run = {k: v for k, v in res["runs"][0].items() if k != "model"}
         run["seed"] = seed
         with _FileLock(partial_path):  # merge with students other processes saved meanwhile
-            runs = [r for r in _saved_runs(partial_path, key) if r["seed"] != seed] + [run]
+            runs = [r for r in _saved_runs(partial_path, key, protocol.family) if r["seed"] != seed] + [run]
             runs.sort(key=lambda r: r["seed"])
             tmp = partial_path.with_suffix(".tmp")
             tmp.write_text(json.dumps({"key": key, "runs": runs}, default=str))
@@ -264,30 +267,3 @@ def format_row(summary: dict) -> str:
     return (f"final {summary['final_mean']:.2f} ± {summary['final_std']:.2f} | best "
             f"{summary['best_mean']:.2f} ± {summary['best_std']:.2f} ({summary['num_runs']} runs, "
             f"{epochs} epochs, {summary.get('precision', '?')}, {summary['seconds_per_run']:.0f} s/run)")
-
-
-def main_job(out: str | os.PathLike = "runs/main", *, methods=("random", "dit", "mgd3"), ipc: int = 10,
-             profile: str = "demo", data: str = "fashion-mnist", progress: bool = True,
-             workers: int | None = None, overrides: dict | None = None) -> list[dict]:
-    """Distil ``data`` at ``ipc`` with each method and evaluate every set under ``profile``: a
-    :func:`gendd.bench.run_bench` grid of one IPC and one ConvNet-3 column, written to ``out``
-    (``out/sets/<method>-ipc<ipc>/``, ``out/results.md``); returns the rows.
-
-    Students run in ``workers`` processes (default: one per CPU core, at most one per student) with
-    ``cores // workers`` torch threads each: on small CPUs one student per core is faster than one
-    student on all cores. Each finished student prints one line with its accuracy and the time left.
-    ``mgd3`` discovers its modes on one randomly flipped copy of each image (``flip_augment="random"``,
-    the reference loader's RandomHorizontalFlip) rather than on both orientations: half the encoding.
-    Results do not depend on ``workers``. ``overrides``: protocol fields to change (e.g. ``epochs``)."""
-    from gendd.bench import BenchConfig, run_bench
-    from gendd.evaluate import get_profile
-
-    cores = os.cpu_count() or 1
-    overrides = dict(overrides or {})
-    cells = len(methods) * overrides.get("repeats", get_profile(profile).repeats)
-    workers = max(1, min(cores, cells)) if workers is None else workers
-    method = {"mgd3": {"flip_augment": "random"}} if "mgd3" in methods else {}
-    cfg = BenchConfig(methods=list(methods), ipc=[ipc], students=["convnet3"], protocols=[profile], name="main",
-                      data=data, workers=workers, threads=max(1, cores // max(1, workers)), method=method,
-                      protocol={profile: overrides} if overrides else {})
-    return run_bench(cfg, out, progress=progress)

@@ -13,14 +13,9 @@ from gendd.evaluate.protocols import (
 )
 from gendd.evaluate.students import STUDENTS, ConvNet, ResNet, build_student, register_student
 from gendd.evaluate.teacher import Teacher, TeacherConfig, load_teacher, teacher_features, train_teacher
-from gendd.evaluate.train import (
-    accuracy,
-    evaluate_distilled,
-    format_result,
-    normalize,
-    prepare_test,
-    train_student,
-)
+from gendd.evaluate.data import accuracy, format_result, normalize, prepare_test
+from gendd.evaluate.fit import StudentRun, fit_student
+from gendd.evaluate.train import evaluate_distilled, train_student
 
 __all__ = [
     "AUGMENT_GROUPS", "DEFAULT_STRATEGY", "DSAParams", "DSAugment",
@@ -29,5 +24,5 @@ __all__ = [
     "STUDENTS", "ConvNet", "ResNet", "build_student", "register_student",
     "Teacher", "TeacherConfig", "load_teacher", "teacher_features", "train_teacher",
     "accuracy", "evaluate_distilled", "format_result", "normalize", "prepare_test",
-    "train_student",
+    "train_student", "StudentRun", "fit_student",
 ]

@@ -26,6 +26,7 @@ import math
 import os
 from dataclasses import dataclass, field, fields, replace
 from numbers import Integral, Real
+from typing import ClassVar
 
 from gendd.config import Validated, check
 from gendd.errors import ConfigError
@@ -81,6 +82,10 @@ class DSAProtocol(_Protocol):
         num_threads: torch intra-op threads during the run (``None`` = leave as is).
         test_limit: evaluate on a class-balanced subset of this many test images (tests only).
     """
+
+    family: ClassVar[str] = "dsa"
+    soft_labels: ClassVar[bool] = False
+    test_upscale: ClassVar[bool] = False
 
     name: str = field(default="dsa", metadata=check(str, min_length=1))
     student: str = field(default="convnet3", metadata=_STUDENT)
@@ -226,6 +231,10 @@ class IDCHardProtocol(_Protocol):
             :class:`DSAProtocol`.
     """
 
+    family: ClassVar[str] = "idc-hard"
+    soft_labels: ClassVar[bool] = False
+    test_upscale: ClassVar[bool] = False  # Resize(size) + CenterCrop(size)
+
     name: str = field(default="idc-hard", metadata=check(str, min_length=1))
     student: str = field(default="resnet_ap10", metadata=_STUDENT)
     epochs: int | None = field(default=None, metadata=_COUNT_OR_NONE)
@@ -354,6 +363,10 @@ class SoftLabelProtocol(_Protocol):
         image_size, repeats, test_batch_size, precision, compile, num_threads, test_limit: as
             :class:`IDCHardProtocol`.
     """
+
+    family: ClassVar[str] = "soft-label"
+    soft_labels: ClassVar[bool] = True
+    test_upscale: ClassVar[bool] = True  # Resize(size // 7 * 8) + CenterCrop(size)
 
     name: str = field(default="rded-soft", metadata=check(str, min_length=1))
     student: str = field(default="resnet18_bn", metadata=_STUDENT)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from pathlib import Path
@@ -36,15 +35,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from gendd.config import Validated, check
 from gendd.data.base import ImageDataset
-from gendd.errors import ConfigError, DataError, NumericalError
+from gendd.errors import ConfigError, DataError
 from gendd.evaluate.imagenet_aug import TrainAugment, random_flip, resize_center_crop
 from gendd.evaluate.protocols import IMAGENET_SIZE
+from gendd.evaluate.fit import Checkpoint, Generators, Recipe, fit_student
 from gendd.evaluate.students import build_student, student_builder, torchvision_resnet18_shapes
-from gendd.hardware import PRECISIONS, autocast, resolve_precision
+from gendd.hardware import PRECISIONS, autocast
 
 TEACHER_FILE = "teacher.pt"
 CHECKPOINT_FILE = "teacher.ckpt"
@@ -152,7 +151,7 @@ def _normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def _test_tensor(test_ds: ImageDataset, size: int, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    from gendd.evaluate.train import balanced_indices
+    from gendd.evaluate.data import balanced_indices
 
     idx = (np.arange(len(test_ds)) if limit is None
            else balanced_indices(test_ds.labels, limit, test_ds.num_classes))
@@ -184,6 +183,69 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+class TeacherRecipe(Recipe):
+    """A teacher is a student fitted on the real training split: :class:`TeacherConfig`'s recipe."""
+
+    what = "teacher"
+    nan_hint = "lower --lr"
+
+    def __init__(self, config: TeacherConfig, student: str, train: ImageDataset, test: tuple, size: int) -> None:
+        self.c, self.ds, (self.test_x, self.test_y) = config, train, test
+        self.passes = self.epochs = config.epochs
+        self.batch_size, self.num_items = config.batch_size, len(train)
+        self.student, self.channels, self.num_classes, self.image_size = (student, train.channels,
+                                                                          train.num_classes, size)
+        self.mean, self.std = tuple(train.mean), tuple(train.std)
+        self.labels = torch.from_numpy(train.labels.copy())
+        self.big = train.image_size >= IMAGENET_SIZE or train.image_size != size
+        self.rrc = TrainAugment(size, scale=(0.08, 1.0), flip=config.flip)
+
+    def optimizer(self, net):
+        return torch.optim.SGD(net.parameters(), lr=self.c.lr, momentum=self.c.momentum,
+                               weight_decay=self.c.weight_decay)
+
+    def lr_at(self, ep: int) -> float:
+        return self.c.lr_at(ep)
+
+    def loss(self, fwd, idx, gens: Generators, precision: str) -> torch.Tensor:
+        xb = self.ds.load(idx.tolist())
+        if self.big:
+            xb = self.rrc(xb, gens.aug, self.mean, self.std)
+        else:
+            xb = xb.float() / 255.0
+            if self.c.pad > 0:
+                xb = _pad_crop(xb, self.c.pad, gens.aug)
+            if self.c.flip:
+                xb = random_flip(xb, gens.aug)
+            xb = _normalize(xb, self.mean, self.std)
+        with autocast(precision):
+            out = fwd(xb)
+        return F.cross_entropy(out.float(), self.labels[idx])
+
+    def tests_after(self, ep: int) -> bool:
+        return ep == self.c.epochs - 1 or bool(self.c.eval_every and (ep + 1) % self.c.eval_every == 0)
+
+    def test(self, fwd, precision: str) -> float:
+        return _accuracy(fwd, self.test_x, self.test_y, self.mean, self.std)
+
+
+class _TeacherCheckpoint(Checkpoint):
+    def __init__(self, path: Path, identity: dict) -> None:
+        self.path, self.identity = path, identity
+
+    def load(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if state.get("identity") != self.identity or "generators" not in state:
+            raise ConfigError(f"{self.path} is an interrupted teacher run with other settings (or of an older "
+                              "gendd); pass another --out or delete the folder")
+        return state
+
+    def save(self, state: dict) -> None:
+        _atomic_save({"identity": self.identity, **state}, self.path)
+
+
 def train_teacher(dataset_train: ImageDataset, dataset_test: ImageDataset, student_name: str,
                   config: TeacherConfig | None = None, out: str | os.PathLike = "teacher",
                   progress: bool = True) -> Teacher:
@@ -195,8 +257,6 @@ def train_teacher(dataset_train: ImageDataset, dataset_test: ImageDataset, stude
         DataError: train and test splits differ in classes or geometry.
         NumericalError: the loss became NaN/Inf.
     """
-    from gendd.evaluate.train import _seed_streams, _threads
-
     config = config or TeacherConfig()
     student_builder(student_name)
     if dataset_train.classes != dataset_test.classes or dataset_train.channels != dataset_test.channels:
@@ -215,85 +275,19 @@ def train_teacher(dataset_train: ImageDataset, dataset_test: ImageDataset, stude
             return load_teacher(final)
         raise ConfigError(f"{final} holds a teacher trained with other settings; pass another --out "
                           "or delete it")
-    mean, std = tuple(dataset_train.mean), tuple(dataset_train.std)
-    c, k = dataset_train.channels, dataset_train.num_classes
-    s_init, s_shuffle, s_aug = _seed_streams(config.seed, 3)
-    g_shuffle = torch.Generator().manual_seed(s_shuffle)
-    g_aug = torch.Generator().manual_seed(s_aug)
-    big = dataset_train.image_size >= IMAGENET_SIZE or dataset_train.image_size != size
-    rrc = TrainAugment(size, scale=(0.08, 1.0), flip=config.flip)
-    n = len(dataset_train)
-    labels = torch.from_numpy(dataset_train.labels.copy())
-
-    with _threads(config.num_threads):
-        precision = resolve_precision(config.precision)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s_init)
-            net = build_student(student_name, c, k, size)
-        opt = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
-                              weight_decay=config.weight_decay)
-        start, history = 0, []
-        ckpt = out / CHECKPOINT_FILE
-        if ckpt.exists():
-            state = torch.load(ckpt, map_location="cpu", weights_only=True)
-            if state.get("identity") != identity:
-                raise ConfigError(f"{ckpt} is an interrupted teacher run with other settings; pass another "
-                                  "--out or delete the folder")
-            net.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            g_shuffle.set_state(state["g_shuffle"])
-            g_aug.set_state(state["g_aug"])
-            start, history = int(state["epoch"]), [tuple(h) for h in state["history"]]
-        test_x, test_y = _test_tensor(dataset_test, size, config.test_limit)
-        t0 = time.perf_counter()
-        bar = tqdm(range(start, config.epochs), desc=f"teacher {student_name}", disable=not progress,
-                   initial=start, total=config.epochs, leave=False, dynamic_ncols=True)
-        for ep in bar:
-            lr = config.lr_at(ep)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            net.train()
-            perm = torch.randperm(n, generator=g_shuffle)
-            loss_sum = 0.0
-            for a in range(0, n, config.batch_size):
-                idx = perm[a:a + config.batch_size]
-                xb = dataset_train.load(idx.tolist())
-                if big:
-                    xb = rrc(xb, g_aug, mean, std)
-                else:
-                    xb = xb.float() / 255.0
-                    if config.pad > 0:
-                        xb = _pad_crop(xb, config.pad, g_aug)
-                    if config.flip:
-                        xb = random_flip(xb, g_aug)
-                    xb = _normalize(xb, mean, std)
-                with autocast(precision):
-                    out = net(xb)
-                loss = F.cross_entropy(out.float(), labels[idx])
-                lv = float(loss.detach())
-                if not np.isfinite(lv):
-                    raise NumericalError(f"teacher loss became {lv} at epoch {ep}; lower --lr")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += lv * len(idx)
-            acc = None
-            if ep == config.epochs - 1 or (config.eval_every and (ep + 1) % config.eval_every == 0):
-                acc = _accuracy(net, test_x, test_y, mean, std)
-            history.append((ep + 1, loss_sum / n, acc))
-            bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc="-" if acc is None else f"{acc:.1f}")
-            _atomic_save({"identity": identity, "epoch": ep + 1, "model": net.state_dict(),
-                          "optimizer": opt.state_dict(), "g_shuffle": g_shuffle.get_state(),
-                          "g_aug": g_aug.get_state(), "history": history}, ckpt)
-        bar.close()
-        if not history or history[-1][2] is None:
-            history.append((config.epochs, float("nan"), _accuracy(net, test_x, test_y, mean, std)))
-    _atomic_save({"format": FORMAT, "state_dict": net.state_dict(), "student": student_name,
-                  "channels": c, "num_classes": k, "image_size": size, "mean": list(mean),
-                  "std": list(std), "test_acc": history[-1][2], "config": dataclasses.asdict(config),
-                  "classes": list(dataset_train.classes), "dataset": dataset_train.name,
-                  "test_split": dataset_test.split, "history": [list(h) for h in history],
-                  "seconds": time.perf_counter() - t0, "identity": identity, "precision": precision}, final)
+    ckpt = out / CHECKPOINT_FILE
+    recipe = TeacherRecipe(config, student_name, dataset_train, _test_tensor(dataset_test, size, config.test_limit),
+                           size)
+    run = fit_student(recipe, config.seed, precision=config.precision, num_threads=config.num_threads,
+                      progress=progress, desc=f"teacher {student_name}",
+                      checkpoint=_TeacherCheckpoint(ckpt, identity), return_model=True)
+    _atomic_save({"format": FORMAT, "state_dict": run.model.state_dict(), "student": student_name,
+                  "channels": dataset_train.channels, "num_classes": dataset_train.num_classes, "image_size": size,
+                  "mean": list(recipe.mean), "std": list(recipe.std), "test_acc": run.final_acc,
+                  "config": dataclasses.asdict(config), "classes": list(dataset_train.classes),
+                  "dataset": dataset_train.name, "test_split": dataset_test.split,
+                  "history": [list(h) for h in run.history], "losses": run.losses, "seconds": run.seconds,
+                  "identity": identity, "precision": run.precision}, final)
     ckpt.unlink(missing_ok=True)
     return load_teacher(final)
 

@@ -124,10 +124,9 @@ def _load_builtin() -> None:
     """Import every module of ``gendd.methods`` (importing registers them); on first lookup only."""
     import importlib
     import pkgutil
+    from pathlib import Path
 
-    import gendd.methods as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
         if info.name != "base" and not info.name.startswith("_"):
             importlib.import_module(f"gendd.methods.{info.name}")
 
