@@ -63,7 +63,8 @@ def teacher_dir(tiny, tmp_path_factory):
 def test_profiles_registered_and_dsa_unchanged():
     assert PROFILES["paper"] == DSAProtocol(eval_every=200)
     assert PROFILES["quick"] == DSAProtocol(epochs=300, repeats=3, eval_every=100, precision="auto")
-    for name in ("idc-hard", "idc-hard-small", "idc-hard-quick", "rded-soft", "d3hr-soft", "rded-soft-quick"):
+    for name in ("idc-hard", "idc-hard-small", "idc-hard-quick", "rded-soft", "d3hr-soft", "rded-soft-small",
+                 "rded-soft-quick"):
         p = get_profile(name)
         for field in ("student", "repeats", "num_threads", "compile", "test_limit", "epochs"):
             assert hasattr(p, field)
@@ -73,8 +74,11 @@ def test_profiles_registered_and_dsa_unchanged():
     d3 = get_profile("d3hr-soft")
     assert isinstance(d3, SoftLabelProtocol) and d3.rrc_scale == (0.08, 1.0) and d3.shuffle_factor == 1
     assert get_profile("rded-soft").rrc_scale == (0.5, 1.0) and get_profile("rded-soft").shuffle_factor == 2
-    with pytest.raises(ConfigError, match="no option"):
-        get_profile("idc-hard").with_overrides(bogus=1)
+    small = get_profile("rded-soft-small")  # RDED's --factor 1: no patch shuffling, no crop, 300 epochs
+    assert (small.shuffle_factor, small.rrc_scale, small.epochs, small.student) == (1, (1.0, 1.0), 300, "convnet3")
+    for name in ("quick", "idc-hard", "rded-soft"):  # one way to refuse an unknown field, for every family
+        with pytest.raises(ConfigError, match="no option"):
+            get_profile(name).with_overrides(bogus=1)
     with pytest.raises(ConfigError, match="temperature"):
         SoftLabelProtocol(temperature=0)
 

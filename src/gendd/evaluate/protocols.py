@@ -40,13 +40,6 @@ def _student_names() -> tuple[str, ...]:
     return tuple(sorted(STUDENTS))
 
 
-class _Protocol(Validated):
-    """Errors name the protocol: ``evaluation protocol 'rded-soft': temperature must be > 0, got 0``."""
-
-    def _config_what(self) -> str:
-        return f"evaluation protocol {self.name!r}"
-
-
 #: Field checks the protocols share.
 _COUNT = check(Integral, ge=1)
 _COUNT_OR_NONE = check(Integral, ge=1, optional=True)
@@ -57,7 +50,50 @@ _RRC = check(tuple, length=2, items=check(Real, gt=0, le=1))
 
 
 @dataclass(frozen=True)
-class DSAProtocol(_Protocol):
+class BaseProtocol(Validated):
+    """What every protocol family has; a family sets ``family`` (its recipe, :mod:`gendd.evaluate.recipes`)
+    and adds its fields. Errors name the protocol: ``evaluation protocol 'rded-soft': temperature must be > 0``.
+
+    Attributes:
+        name: protocol identifier (recorded with results).
+        student: registered student name (:mod:`gendd.evaluate.students`).
+        repeats: students trained from independent seeds.
+        test_batch_size: images per forward pass when testing.
+        precision: ``fp32``, ``bf16`` (autocast on the forward passes) or ``auto`` (bf16 only where the
+            hardware computes it natively and faster: :func:`gendd.hardware.resolve_precision`). Each student
+            records the precision it ran at.
+        compile: wrap the student in ``torch.compile`` (a speed knob outside the results' identity).
+        num_threads: torch intra-op threads during the run (``None`` = leave as is).
+        test_limit: evaluate on a class-balanced subset of this many test images (tests only).
+    """
+
+    family: ClassVar[str] = ""
+    soft_labels: ClassVar[bool] = False
+    test_upscale: ClassVar[bool] = False
+
+    name: str = field(default="", metadata=check(str, min_length=1))
+    student: str = field(default="convnet3", metadata=_STUDENT)
+    repeats: int = field(default=3, metadata=_COUNT)
+    test_batch_size: int = field(default=100, metadata=_COUNT)
+    precision: str = field(default="fp32", metadata=_PRECISION)
+    compile: bool = field(default=False, metadata=check(bool))
+    num_threads: int | None = field(default=None, metadata=_COUNT_OR_NONE)
+    test_limit: int | None = field(default=None, metadata=_COUNT_OR_NONE)
+
+    def _config_what(self) -> str:
+        return f"evaluation protocol {self.name!r}"
+
+    def with_overrides(self, **kwargs: object):
+        """A copy with some fields replaced (validated again); an unknown field is a ConfigError."""
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ConfigError(f"protocol {self.name!r} has no option(s) {unknown}; known: {sorted(names)}")
+        return replace(self, **kwargs)
+
+
+@dataclass(frozen=True)
+class DSAProtocol(BaseProtocol):
     """DC/DSA/DM student-training protocol (defaults = reference values).
 
     Attributes:
@@ -99,10 +135,6 @@ class DSAProtocol(_Protocol):
     repeats: int = field(default=5, metadata=_COUNT)
     eval_every: int | None = field(default=None, metadata=check(Integral, ge=0, optional=True))
     test_batch_size: int = field(default=500, metadata=_COUNT)
-    precision: str = field(default="fp32", metadata=_PRECISION)
-    compile: bool = field(default=False, metadata=check(bool))
-    num_threads: int | None = field(default=None, metadata=_COUNT_OR_NONE)
-    test_limit: int | None = field(default=None, metadata=_COUNT_OR_NONE)
 
     @property
     def decay_epoch(self) -> int:
@@ -117,10 +149,6 @@ class DSAProtocol(_Protocol):
     def lr_at(self, ep: int) -> float:
         """Learning rate used during pass ``ep`` (0-based)."""
         return self.lr * (0.1 if ep > self.decay_epoch else 1.0)
-
-    def with_overrides(self, **kwargs: object) -> "DSAProtocol":
-        """A copy with some fields replaced (validated again)."""
-        return replace(self, **kwargs)
 
 
 #: Named protocols. ``"paper"`` is the reference protocol (fp32, 1000 epochs, 5 students); it
@@ -192,7 +220,7 @@ def ipc_epochs(ipc: int, num_classes: int) -> int:
 
 
 @dataclass(frozen=True)
-class IDCHardProtocol(_Protocol):
+class IDCHardProtocol(BaseProtocol):
     """IDC / Minimax hard-label protocol for ImageNet subsets (methods.md 7.1; reference
     ``snu-mllab/Efficient-Dataset-Condensation`` ``train.py``, ``argument.py``, ``data.py``, as
     copied by ``vimar-gu/MinimaxDiffusion``). Used by Minimax, MGD3 and the self-adaptive memory.
@@ -254,12 +282,6 @@ class IDCHardProtocol(_Protocol):
     mix_p: float = field(default=1.0, metadata=check(Real, ge=0, le=1))
     image_size: int | None = field(default=None, metadata=check(Integral, ge=8, optional=True))
     eval_every: int | None = field(default=None, metadata=check(Integral, ge=0, optional=True))
-    repeats: int = field(default=3, metadata=_COUNT)
-    test_batch_size: int = field(default=100, metadata=_COUNT)
-    precision: str = field(default="fp32", metadata=_PRECISION)
-    compile: bool = field(default=False, metadata=check(bool))
-    num_threads: int | None = field(default=None, metadata=_COUNT_OR_NONE)
-    test_limit: int | None = field(default=None, metadata=_COUNT_OR_NONE)
 
     def _check_fields(self) -> None:
         if not all(m[1] > 0 for m in self.milestones):
@@ -294,10 +316,6 @@ class IDCHardProtocol(_Protocol):
         every = max(1, epochs // 100) if self.eval_every is None else self.eval_every
         return ep == epochs - 1 or (every > 0 and (ep + 1) % every == 0)
 
-    def with_overrides(self, **kwargs: object) -> "IDCHardProtocol":
-        """A copy with some fields replaced (validated again)."""
-        return _replace(self, kwargs)
-
 
 #: Soft-label batch rules, ``ipc -> batch`` then a class-count factor, capped at ``ipc * classes``.
 SOFT_BATCH_RULES = ("rded", "d3hr")
@@ -324,7 +342,7 @@ def soft_batch_size(rule: str, ipc: int, num_classes: int) -> int:
 
 
 @dataclass(frozen=True)
-class SoftLabelProtocol(_Protocol):
+class SoftLabelProtocol(BaseProtocol):
     """RDED-style soft-label protocol (methods.md 7.2; ``LINs-lab/RDED`` ``validation/main.py``,
     ``validation/utils.py``, ``argument.py``) and D3HR's variant of it (methods.md 5.3;
     ``lin-zhao-resoLve/D3HR`` ``validation/validate.py``, ``argument.py``, ``utils/data_utils.py``).
@@ -387,12 +405,6 @@ class SoftLabelProtocol(_Protocol):
     eval_after: float = field(default=0.8, metadata=check(Real, ge=0, lt=1))
     extra_bn_pass: bool = field(default=True, metadata=check(bool))
     image_size: int | None = field(default=None, metadata=check(Integral, ge=8, optional=True))
-    repeats: int = field(default=3, metadata=_COUNT)
-    test_batch_size: int = field(default=100, metadata=_COUNT)
-    precision: str = field(default="fp32", metadata=_PRECISION)
-    compile: bool = field(default=False, metadata=check(bool))
-    num_threads: int | None = field(default=None, metadata=_COUNT_OR_NONE)
-    test_limit: int | None = field(default=None, metadata=_COUNT_OR_NONE)
 
     def __post_init__(self) -> None:
         if isinstance(self.teacher, os.PathLike):  # a checkpoint path is stored as text (JSON, result keys)
@@ -426,19 +438,6 @@ class SoftLabelProtocol(_Protocol):
         every = 1 if self.eval_every is None else self.eval_every
         return every > 0 and (ep + 1) % every == 0 and ep > self.eval_after * epochs
 
-    def with_overrides(self, **kwargs: object) -> "SoftLabelProtocol":
-        """A copy with some fields replaced (validated again)."""
-        return _replace(self, kwargs)
-
-
-def _replace(protocol, kwargs: dict):
-    names = {f.name for f in fields(protocol)}
-    unknown = sorted(set(kwargs) - names)
-    if unknown:
-        raise ConfigError(f"protocol {protocol.name!r} has no option(s) {unknown}; "
-                          f"known: {sorted(names)}")
-    return replace(protocol, **kwargs)
-
 
 #: Any evaluation protocol.
 Protocol = DSAProtocol | IDCHardProtocol | SoftLabelProtocol
@@ -448,8 +447,12 @@ Protocol = DSAProtocol | IDCHardProtocol | SoftLabelProtocol
 #: DSA ``color_crop_flip_scale_rotate`` instead of the ImageNet augmentation, CutMix with p 0.5,
 #: 1000 epochs, tested at the end; ConvNet-3). ``idc-hard-quick``: gendd's CPU-sized variant, NOT
 #: a published protocol (ConvNet-3, 300 epochs, tests every 100). ``rded-soft`` / ``d3hr-soft``:
-#: methods.md 7.2 / 5.3 (set ``teacher``). ``rded-soft-quick``: CPU-sized, not published
-#: (ConvNet-3 student, 60 epochs).
+#: methods.md 7.2 / 5.3 (set ``teacher``). ``rded-soft-small``: RDED's own small-image setting
+#: (``scripts/cifar10_10ipc_conv3_to_conv3_cr5.sh``, ``--factor 1``: ShufflePatches(1) = none and
+#: RandomResizedCrop scale (1, 1) = the whole image, so flips only; ConvNet-3 to ConvNet-3, 300 epochs, RDED's batch
+#: rule); the soft-label profile for 28/32 px data. ``rded-soft-quick``: ``rded-soft``'s ImageNet settings on a
+#: ConvNet-3 for 60 epochs, CPU-sized, not published (its patch shuffling and crops were made for 2x2 mosaics
+#: of 224 px images).
 PROFILES.update({
     "idc-hard": IDCHardProtocol(),
     "idc-hard-small": IDCHardProtocol(student="convnet3", augment="dsa", epochs=1000, mix_p=0.5,
@@ -459,5 +462,7 @@ PROFILES.update({
     "d3hr-soft": SoftLabelProtocol(name="d3hr-soft", rrc_scale=(0.08, 1.0), shuffle_factor=1,
                                    eval_every=1, eval_after=290 / 300, batch_rule="d3hr",
                                    repeats=5),
+    "rded-soft-small": SoftLabelProtocol(name="rded-soft-small", student="convnet3", shuffle_factor=1,
+                                         rrc_scale=(1.0, 1.0)),
     "rded-soft-quick": SoftLabelProtocol(name="rded-soft", student="convnet3", epochs=60),
 })
