@@ -132,7 +132,7 @@ def test_flip_spec_and_mode_pool(toy_dataset, tiny_bb, tmp_path):
 
 
 def test_config_errors():
-    with pytest.raises(ConfigError, match="mode_method must be one of 'kmeans', .*got 'kmedoids'"):
+    with pytest.raises(ConfigError, match="mode_method must be one of 'dbscan', .*'kmeans'.*got 'kmedoids'"):
         build_method("mgd3", mode_method="kmedoids")
     with pytest.raises(ConfigError, match="stop_step must be >= 0"):
         build_method("mgd3", stop_step=-1)

@@ -149,7 +149,7 @@ def test_deterministic_under_the_seed(method):
 
 def test_errors():
     x, _, _ = _blobs()
-    with pytest.raises(ConfigError, match="unknown mode method 'kmedoids'; available: kmeans, kmeans-closest"):
+    with pytest.raises(ConfigError, match="unknown mode method 'kmedoids'; choose one of: dbscan, gmm, kmeans, kmeans-closest"):
         discover_modes(x, K, "kmedoids")
     with pytest.raises(DataError, match="cannot find 81 modes among 80 latents"):
         discover_modes(x, 81)

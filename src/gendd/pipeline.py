@@ -69,14 +69,13 @@ def run_distill(method_name: str, data: str, ipc: int, out: str | os.PathLike, *
 
     The method's options, the IPC and the dataset name are validated before any data or model is read
     and before ``out`` is created; a user error later removes an ``out`` this call created."""
-    from gendd.data import DATASET_NAMES, get_dataset
+    from gendd.data import DATASETS, get_dataset
     from gendd.export import check_ipc, distill
     from gendd.methods import build_method
 
     method = build_method(method_name, **(options or {}))
     ipc = check_ipc(ipc)
-    if data not in DATASET_NAMES:
-        raise ConfigError(f"unknown dataset {data!r}; known: {', '.join(DATASET_NAMES)}")
+    DATASETS.get(data)
     spec = backbone or default_backbone_for(data)
     wants_backbone = method.needs_backbone or method.needs_cache or backbone is not None
     if wants_backbone and spec is None:

@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 
 from gendd.errors import ConfigError
+from gendd.registry import Registry
 
 _EPS = 1e-12
 
@@ -68,16 +69,15 @@ def _evict_min_similarity(items: torch.Tensor) -> int:
 
 
 #: eviction policy name -> ``f(items (n, d)) -> index of the item to drop``
-EVICTION_POLICIES: dict[str, Callable[[torch.Tensor], int]] = {
+EVICTION_POLICIES: Registry[Callable[[torch.Tensor], int]] = Registry("memory eviction", lambda: {
     "fifo": _evict_fifo,
     "max-similarity": _evict_max_similarity,
     "min-similarity": _evict_min_similarity,
-}
+})
 
 
 def check_eviction(name: str) -> None:
-    if name not in EVICTION_POLICIES:
-        raise ConfigError(f"unknown memory eviction {name!r}; use {', '.join(EVICTION_POLICIES)}")
+    EVICTION_POLICIES.get(name)
 
 
 class ClassMemory:

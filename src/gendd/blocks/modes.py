@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from gendd.errors import ConfigError, DataError
+from gendd.registry import Registry
 
 
 @dataclass
@@ -195,7 +196,8 @@ def _random(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, None, np.ndar
     return x[idx], None, idx
 
 
-MODE_METHODS: dict[str, Finder] = {
+#: mode-discovery algorithms by name (:class:`gendd.registry.Registry`).
+MODE_METHODS: Registry[Finder] = Registry("mode method", lambda: {
     "kmeans": _kmeans,
     "kmeans-closest": _kmeans_closest,
     "minibatch-kmeans": _minibatch_kmeans,
@@ -203,12 +205,11 @@ MODE_METHODS: dict[str, Finder] = {
     "spectral": _spectral,
     "dbscan": _dbscan,
     "random": _random,
-}
+})
 
 
 def check_mode_method(method: str) -> None:
-    if method not in MODE_METHODS:
-        raise ConfigError(f"unknown mode method {method!r}; available: {', '.join(MODE_METHODS)}")
+    MODE_METHODS.get(method)
 
 
 def discover_modes(latents: torch.Tensor, k: int, method: str = "kmeans", *, seed: int | None = None,

@@ -32,6 +32,7 @@ from gendd.config import Validated, check
 from gendd.errors import ConfigError
 from gendd.evaluate.augment import DEFAULT_STRATEGY, DSAugment
 from gendd.hardware import PRECISIONS
+from gendd.registry import Registry
 
 
 def _student_names() -> tuple[str, ...]:
@@ -151,7 +152,7 @@ class DSAProtocol(BaseProtocol):
         return self.lr * (0.1 if ep > self.decay_epoch else 1.0)
 
 
-#: Named protocols. ``"paper"`` is the reference protocol (fp32, 1000 epochs, 5 students); it
+# The DSA profiles. ``"paper"`` is the reference protocol (fp32, 1000 epochs, 5 students); it
 #: evaluates on the test split every 200 epochs for the best-over-training figure (the final-epoch
 #: figure is the published one). ``"quick"`` is gendd's fast profile, NOT a published protocol:
 #: 300 epochs (lr / 10 after pass 151), 3 students, precision ``auto`` (bf16 autocast where the
@@ -161,20 +162,11 @@ class DSAProtocol(BaseProtocol):
 #: run``) profile, sized to finish in minutes on two cores without native bf16: ``quick`` with 60
 #: epochs (lr / 10 after pass 31), 2 students and one test pass at the end; BENCHMARKS.md §10 gives
 #: how far its figures are from ``quick``'s on the same sets.
-PROFILES: dict[str, DSAProtocol] = {
-    "paper": DSAProtocol(eval_every=200),
-    "quick": DSAProtocol(epochs=300, repeats=3, eval_every=100, precision="auto"),
-    "demo": DSAProtocol(epochs=60, repeats=2, eval_every=0, precision="auto"),
-}
 
 
 def get_profile(name: str) -> "DSAProtocol | IDCHardProtocol | SoftLabelProtocol":
     """The protocol registered as ``name`` in :data:`PROFILES`."""
-    try:
-        return PROFILES[name]
-    except KeyError:
-        raise ConfigError(f"unknown evaluation profile {name!r}; choose one of "
-                          f"{sorted(PROFILES)}") from None
+    return PROFILES.get(name)
 
 
 # ------------------------------------------------------------------ ImageNet-style protocols
@@ -453,16 +445,26 @@ Protocol = DSAProtocol | IDCHardProtocol | SoftLabelProtocol
 #: rule); the soft-label profile for 28/32 px data. ``rded-soft-quick``: ``rded-soft``'s ImageNet settings on a
 #: ConvNet-3 for 60 epochs, CPU-sized, not published (its patch shuffling and crops were made for 2x2 mosaics
 #: of 224 px images).
-PROFILES.update({
-    "idc-hard": IDCHardProtocol(),
-    "idc-hard-small": IDCHardProtocol(student="convnet3", augment="dsa", epochs=1000, mix_p=0.5,
-                                      eval_every=0),
-    "idc-hard-quick": IDCHardProtocol(student="convnet3", epochs=300, eval_every=100),
-    "rded-soft": SoftLabelProtocol(),
-    "d3hr-soft": SoftLabelProtocol(name="d3hr-soft", rrc_scale=(0.08, 1.0), shuffle_factor=1,
-                                   eval_every=1, eval_after=290 / 300, batch_rule="d3hr",
-                                   repeats=5),
-    "rded-soft-small": SoftLabelProtocol(name="rded-soft-small", student="convnet3", shuffle_factor=1,
-                                         rrc_scale=(1.0, 1.0)),
-    "rded-soft-quick": SoftLabelProtocol(name="rded-soft", student="convnet3", epochs=60),
-})
+
+
+def _builtin_profiles() -> dict[str, BaseProtocol]:
+    return {
+        "paper": DSAProtocol(eval_every=200),
+        "quick": DSAProtocol(epochs=300, repeats=3, eval_every=100, precision="auto"),
+        "demo": DSAProtocol(epochs=60, repeats=2, eval_every=0, precision="auto"),
+        "idc-hard": IDCHardProtocol(),
+        "idc-hard-small": IDCHardProtocol(student="convnet3", augment="dsa", epochs=1000, mix_p=0.5,
+                                          eval_every=0),
+        "idc-hard-quick": IDCHardProtocol(student="convnet3", epochs=300, eval_every=100),
+        "rded-soft": SoftLabelProtocol(),
+        "d3hr-soft": SoftLabelProtocol(name="d3hr-soft", rrc_scale=(0.08, 1.0), shuffle_factor=1,
+                                       eval_every=1, eval_after=290 / 300, batch_rule="d3hr",
+                                       repeats=5),
+        "rded-soft-small": SoftLabelProtocol(name="rded-soft-small", student="convnet3", shuffle_factor=1,
+                                             rrc_scale=(1.0, 1.0)),
+        "rded-soft-quick": SoftLabelProtocol(name="rded-soft", student="convnet3", epochs=60),
+    }
+
+
+#: Named protocols (:class:`gendd.registry.Registry`); see the comments above each family's profiles.
+PROFILES: Registry[BaseProtocol] = Registry("evaluation profile", _builtin_profiles)

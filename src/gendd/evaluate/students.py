@@ -27,31 +27,34 @@ import torch
 from torch import nn
 
 from gendd.errors import ConfigError
+from gendd.registry import Registry
 
 StudentBuilder = Callable[[int, int, int], nn.Module]
 
-#: name -> ``builder(channels, num_classes, image_size)``; fill it with :func:`register_student`.
-STUDENTS: dict[str, StudentBuilder] = {}
+def _builtin_students() -> dict[str, StudentBuilder]:
+    # Depth 3 is the 28/32 px benchmark student; 4, 5 and 6 are the usual choices for 64, 128 and
+    # 256 px in later DD work (on smaller images the deepest blocks skip their pooling, see ConvNet).
+    return {**{f"convnet{d}": _convnet_builder(d) for d in (3, 4, 5, 6)},
+            "resnet_ap10": _resnet_ap10, "resnet18": _resnet18_in, "resnet18_bn": _resnet18_bn}
+
+
+#: name -> ``builder(channels, num_classes, image_size)`` (:class:`gendd.registry.Registry`).
+STUDENTS: Registry[StudentBuilder] = Registry("student", _builtin_students)
 
 
 def register_student(name: str) -> Callable[[StudentBuilder], StudentBuilder]:
-    """Decorator: register ``builder(channels, num_classes, image_size) -> nn.Module`` as ``name``."""
+    """Decorator for a user's own student: register ``builder(channels, num_classes, image_size) -> nn.Module``
+    as ``name`` (a name already taken is a ConfigError)."""
 
     def deco(builder: StudentBuilder) -> StudentBuilder:
-        if name in STUDENTS:
-            raise ConfigError(f"student {name!r} is registered twice; pick another name")
-        STUDENTS[name] = builder
-        return builder
+        return STUDENTS.register(name, builder)
 
     return deco
 
 
 def student_builder(name: str) -> StudentBuilder:
     """The builder registered as ``name``; ConfigError listing the registered names otherwise."""
-    try:
-        return STUDENTS[name]
-    except KeyError:
-        raise ConfigError(f"unknown student {name!r}; choose one of {sorted(STUDENTS)}") from None
+    return STUDENTS.get(name)
 
 
 def build_student(name: str, channels: int, num_classes: int, image_size: int) -> nn.Module:
@@ -126,12 +129,6 @@ def _convnet_builder(depth: int) -> StudentBuilder:
     builder.__doc__ = f"ConvNet-{depth}, width 128, instance norm, avg pooling."
     return builder
 
-
-# Depth 3 is the 28/32 px benchmark student; 4, 5 and 6 are the usual choices for 64, 128 and
-# 256 px in later DD work (on smaller images the deepest blocks skip their pooling, see ConvNet).
-for _depth in (3, 4, 5, 6):
-    register_student(f"convnet{_depth}")(_convnet_builder(_depth))
-del _depth
 
 
 # ---------------------------------------------------------------------------------------- ResNets
@@ -263,19 +260,16 @@ class ResNet(nn.Module):
         return self.fc(self.embed(x))
 
 
-@register_student("resnet_ap10")
 def _resnet_ap10(channels: int, num_classes: int, image_size: int) -> nn.Module:
     """IDC's ResNet-AP-10: blocks [1, 1, 1, 1], instance norm, average-pool downsampling."""
     return ResNet(channels, num_classes, image_size, (1, 1, 1, 1), "instance", True, "idc")
 
 
-@register_student("resnet18")
 def _resnet18_in(channels: int, num_classes: int, image_size: int) -> nn.Module:
     """IDC's ResNet-18 with instance norm (``-n resnet --depth 18 --norm_type instance``)."""
     return ResNet(channels, num_classes, image_size, (2, 2, 2, 2), "instance", False, "idc")
 
 
-@register_student("resnet18_bn")
 def _resnet18_bn(channels: int, num_classes: int, image_size: int) -> nn.Module:
     """torchvision's ResNet-18 (BatchNorm); CIFAR-style stem on <= 64 px."""
     return ResNet(channels, num_classes, image_size, (2, 2, 2, 2), "batch", False, "torchvision")

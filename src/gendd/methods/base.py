@@ -18,6 +18,7 @@ import torch
 from gendd.config import Validated, check
 from gendd.data.base import ImageDataset
 from gendd.errors import ConfigError
+from gendd.registry import Registry
 
 
 @dataclass
@@ -109,38 +110,39 @@ class Method:
         raise NotImplementedError
 
 
-_REGISTRY: dict[str, type[Method]] = {}
-
-
-def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator: make ``cls`` available under ``cls.name``."""
-    if not cls.name:
-        raise ValueError("a registered method needs a name")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _load_builtin() -> None:
-    """Import every module of ``gendd.methods`` (importing registers them); on first lookup only."""
+def _builtin_methods() -> dict[str, type[Method]]:
+    """Every :class:`Method` subclass that sets its own ``name`` in a module of ``gendd.methods``."""
     import importlib
+    import inspect
     import pkgutil
     from pathlib import Path
 
+    found: dict[str, type[Method]] = {}
     for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
-        if info.name != "base" and not info.name.startswith("_"):
-            importlib.import_module(f"gendd.methods.{info.name}")
+        if info.name == "base" or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"gendd.methods.{info.name}")
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, Method) and cls.__module__ == module.__name__ and cls.__dict__.get("name"):
+                found[cls.name] = cls
+    return found
+
+
+#: method name -> class (:class:`gendd.registry.Registry`).
+METHODS: Registry[type[Method]] = Registry("method", _builtin_methods)
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Make a user's own :class:`Method` subclass available under ``cls.name`` (a class decorator)."""
+    return METHODS.register(cls.name, cls)
 
 
 def available_methods() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
+    return METHODS.names()
 
 
 def get_method(name: str) -> type[Method]:
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    return METHODS.get(name)
 
 
 def build_method(name: str, **options: Any) -> Method:

@@ -55,7 +55,7 @@ from gendd.backbone.sampling import SAMPLERS, SamplerConfig, ddim_invert, sample
 from gendd.blocks.group_sampling import select_group
 from gendd.config import check
 from gendd.errors import ConfigError, DataError
-from gendd.methods.base import ClassContext, ClassResult, Method, register_method, seed_for
+from gendd.methods.base import ClassContext, ClassResult, Method, seed_for
 from gendd.methods.dit import DiTConfig
 
 
@@ -152,7 +152,6 @@ def generate_from_statistics(backbone, mean: torch.Tensor, variance: torch.Tenso
     return z, group, stats
 
 
-@register_method
 class D3HR(Method):
     name = "d3hr"
     config_class = D3HRConfig

@@ -31,7 +31,7 @@ from gendd.backbone.sampling import SAMPLERS, make_schedule, sample
 from gendd.blocks.modes import discover_modes
 from gendd.config import check
 from gendd.errors import DataError
-from gendd.methods.base import ClassContext, ClassResult, Method, register_method
+from gendd.methods.base import ClassContext, ClassResult, Method
 from gendd.methods.dit import DiTConfig, initial_noise
 
 
@@ -58,7 +58,6 @@ class D4MConfig(DiTConfig):
     mode_seed: int | None = field(default=None, metadata=check(Integral, optional=True))
 
 
-@register_method
 class D4M(Method):
     name = "d4m"
     config_class = D4MConfig

@@ -21,7 +21,7 @@ import torch
 from gendd.backbone.sampling import SAMPLERS, SamplerConfig, sample
 from gendd.config import check
 from gendd.errors import ConfigError
-from gendd.methods.base import ClassContext, ClassResult, Method, MethodConfig, register_method
+from gendd.methods.base import ClassContext, ClassResult, Method, MethodConfig
 
 
 def _check_cfg_channels(value) -> None:
@@ -75,7 +75,6 @@ def initial_noise(ctx: ClassContext) -> torch.Tensor:
     return torch.randn((ctx.ipc, *ctx.backbone.latent_shape), generator=ctx.generator)
 
 
-@register_method
 class DiTSampling(Method):
     name = "dit"
     config_class = DiTConfig

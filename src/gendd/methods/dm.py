@@ -55,7 +55,7 @@ from gendd.errors import ConfigError, DataError, NumericalError
 from gendd.evaluate.augment import DEFAULT_STRATEGY, DSAugment
 from gendd.evaluate.students import STUDENTS, build_student
 from gendd.hardware import PRECISIONS, autocast, resolve_precision
-from gendd.methods.base import ClassContext, ClassResult, Method, MethodConfig, register_method
+from gendd.methods.base import ClassContext, ClassResult, Method, MethodConfig
 
 
 def _parse_device(name: str) -> torch.device:
@@ -159,7 +159,6 @@ def initial_images(ctx: ClassContext, init: str, real_u8: torch.Tensor, mean: to
     return _normalize(real_u8[pos.to(real_u8.device)], mean, std), [int(i) for i in idx]
 
 
-@register_method
 class DistributionMatching(Method):
     name = "dm"
     config_class = DMConfig

@@ -31,7 +31,7 @@ from gendd.backbone.finetune import (FinetuneConfig, FinetunedChunk, FinetuneRes
                                      finetune_dataset, finetune_key, load_finetuned, load_finetuned_backbone)
 from gendd.config import check, config_error
 from gendd.errors import ConfigError
-from gendd.methods.base import ClassContext, ClassResult, register_method
+from gendd.methods.base import ClassContext, ClassResult
 from gendd.methods.dit import DiTConfig, DiTSampling
 from gendd.methods.mgd3 import MGD3, MGD3Config
 
@@ -154,21 +154,18 @@ class _FromFinetuned:
         return res
 
 
-@register_method
 class Minimax(_FromFinetuned, DiTSampling):
     name = "minimax"
     config_class = MinimaxConfig
     summary = "DiT fine-tuned with Minimax's representativeness/diversity memories (FIFO), then sampled"
 
 
-@register_method
 class MemoryFinetuned(_FromFinetuned, DiTSampling):
     name = "memory"
     config_class = MemoryConfig
     summary = "DiT fine-tuned with self-adaptive (max-similarity) memories, then sampled (Li et al. 2025)"
 
 
-@register_method
 class MemoryMGD3(_FromFinetuned, MGD3):
     name = "memory+mgd3"
     config_class = MemoryMGD3Config

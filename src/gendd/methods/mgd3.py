@@ -41,7 +41,7 @@ from gendd.backbone.sampling import Hook, StepState, sample
 from gendd.blocks.modes import MODE_METHODS, discover_modes
 from gendd.config import check
 from gendd.errors import ConfigError, DataError
-from gendd.methods.base import ClassContext, ClassResult, Method, register_method
+from gendd.methods.base import ClassContext, ClassResult, Method
 from gendd.methods.dit import DiTConfig, initial_noise
 
 
@@ -101,7 +101,6 @@ class ModeGuidance(Hook):
         return state.mean + self.scale * state.sigma * self._pull(state)
 
 
-@register_method
 class MGD3(Method):
     name = "mgd3"
     config_class = MGD3Config

@@ -10,7 +10,7 @@ import torch
 from gendd.config import check
 from gendd.data.base import to_float, to_uint8
 from gendd.errors import DataError
-from gendd.methods.base import ClassContext, ClassResult, Method, MethodConfig, register_method
+from gendd.methods.base import ClassContext, ClassResult, Method, MethodConfig
 
 
 @dataclass
@@ -24,7 +24,6 @@ class RandomConfig(MethodConfig):
     reconstruct: bool = field(default=False, metadata=check(bool))
 
 
-@register_method
 class RandomSubset(Method):
     """Draw ``ipc`` distinct images of the class uniformly without replacement."""
 

@@ -34,7 +34,7 @@ import torch
 from gendd.config import check
 from gendd.data.base import to_float
 from gendd.errors import ConfigError, DataError
-from gendd.methods.base import ClassContext, ClassResult, Method, MethodConfig, register_method
+from gendd.methods.base import ClassContext, ClassResult, Method, MethodConfig
 
 FEATURE_SPACES = ("latent", "pixel")
 
@@ -173,7 +173,6 @@ class _Selection(Method):
         return ClassResult(latents=latents, images=images, extra={"indices": [int(i) for i in pick]})
 
 
-@register_method
 class Herding(_Selection):
     name = "herding"
     config_class = SelectionConfig
@@ -183,7 +182,6 @@ class Herding(_Selection):
         return herding_order(features, ctx.ipc)
 
 
-@register_method
 class KCenter(_Selection):
     name = "kcenter"
     config_class = KCenterConfig
