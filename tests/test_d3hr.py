@@ -3,6 +3,8 @@ chunk-size contract), inversion pairing on an analytic model, export, regenerati
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 
@@ -19,7 +21,7 @@ from gendd.cache import EncodeSpec, LatentCache
 from gendd.errors import ConfigError, DataError
 from gendd.export import distill, sha256_file
 from gendd.methods import ClassContext, build_method, get_method
-from gendd.methods.d3hr import D3HRConfig, class_statistics, regenerate_from_statistics
+from gendd.methods.d3hr import D3HRConfig, class_statistics
 
 
 def _np_score(x, mu, sigma, w, axis):
@@ -243,15 +245,24 @@ def test_export_end_to_end_and_regenerate_bit_for_bit(tiny_bb, toy_dataset, tmp_
     assert_close_f32(t["variance"], zt.var(0), n=n, scale=float(zt.abs().max()) ** 2)
     info = json.loads((out / "manifest.json").read_text())["classes_done"]["c1"]
     assert info["group_score"]["num_candidates"] == 64 and info["start_step"] == 2
-    # statistics + backbone alone reproduce the export bit for bit, and serve another IPC
-    rep = regenerate_from_statistics(out, tiny_bb, 2, tmp_path / "r", config=m.config)
+    # statistics + backbone alone reproduce the export bit for bit (a method exported like any other: manifest,
+    # file hashes), and serve another IPC
+    opts = {k: v for k, v in dataclasses.asdict(m.config).items()}
+    regen = build_method("d3hr-regenerate", **opts, statistics=str(out))
+    rman = distill(regen, ds, 2, tmp_path / "r", backbone=tiny_bb, progress=False)
     assert _hashes(tmp_path / "r") == _hashes(out)
-    assert rep["classes_done"]["c1"]["seed"] == info["seed"]
-    regenerate_from_statistics(out / "latents", tiny_bb, 3, tmp_path / "r3", config=m.config, classes=["c0"])
+    assert rman["complete"] and rman["method"] == "d3hr-regenerate" and set(rman["files"]) >= {"c1/0.png", "c1/1.png"}
+    assert rman["classes_done"]["c1"]["seed"] == info["seed"]
+    assert rman["classes_done"]["c1"]["statistics_sha256"] == hashlib.sha256(
+        (out / "latents" / "c1.safetensors").read_bytes()).hexdigest()
+    regen3 = build_method("d3hr-regenerate", **opts, statistics=str(out / "latents"))
+    distill(regen3, ds, 3, tmp_path / "r3", backbone=tiny_bb, classes=[0], progress=False)
     assert sorted(p.name for p in (tmp_path / "r3" / "c0").iterdir()) == ["0.png", "1.png", "2.png"]
     assert not (tmp_path / "r3" / "c1").exists()
-    with pytest.raises(DataError, match="no statistics"):
-        regenerate_from_statistics(out, tiny_bb, 2, tmp_path / "x", config=m.config, classes=["zz"])
+    renamed = dataclasses.replace(ds, classes=["c0", "zz", "c2", "c3"])
+    with pytest.raises(DataError, match="no statistics for class 'zz'"):
+        distill(regen, renamed, 2, tmp_path / "x", backbone=tiny_bb, progress=False)
+    assert not (tmp_path / "x").exists()
 
 
 def test_dit_xl_family_backbone(tmp_path):
@@ -308,3 +319,33 @@ def test_max_latents_inverts_a_fixed_subset(toy_dataset, tiny_bb, tmp_path, monk
     assert torch.equal(a.tensors["mean"], b2.tensors["mean"])
     with pytest.raises(ConfigError, match="max_latents"):
         build_method("d3hr", max_latents=1)
+
+
+def test_cli_regenerated_set_has_a_manifest_and_evaluates_without_data(tmp_path):
+    """`gendd d3hr-regenerate` finds dataset, data root and backbone in the statistics folder's manifest; its
+    output is an exported set (manifest, hashes) that `gendd evaluate` reads without --data."""
+    import subprocess
+    import sys
+
+    from test_bench import make_bench_world
+
+    data, bb = make_bench_world(tmp_path)
+
+    def gendd(*args):
+        r = subprocess.run([sys.executable, "-m", "gendd.cli", *map(str, args)], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r
+
+    small = ["--set", "num_steps=4", "--set", "inversion_steps=2", "--set", "num_candidates=8"]
+    gendd("distill", "d3hr", "--data", "imagefolder", "--data-root", data, "--backbone", bb, "--ipc", 2,
+          "--out", tmp_path / "d", "--cache-dir", tmp_path / "cache", *small, "--quiet")
+    gendd("d3hr-regenerate", tmp_path / "d", "--out", tmp_path / "g", "--ipc", 2, *small, "--quiet")
+    m = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    assert m["complete"] and m["method"] == "d3hr-regenerate" and m["dataset"]["name"] == "imagefolder"
+    for name, digest in m["files"].items():
+        assert sha256_file(tmp_path / "g" / name) == digest
+        if name.endswith(".png"):  # the same images as the d3hr run (its latents file also holds statistics)
+            assert sha256_file(tmp_path / "d" / name) == digest
+    gendd("evaluate", tmp_path / "g", "--profile", "quick", "--epochs", 1, "--repeats", 1, "--quiet")
+    assert list((tmp_path / "g").glob("eval-*.json"))

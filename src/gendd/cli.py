@@ -302,27 +302,42 @@ def finetune_cmd(
 @app.command("d3hr-regenerate")
 def d3hr_regenerate_cmd(
     statistics: Path = typer.Argument(..., help="A d3hr output folder (or its latents/) holding mean/variance."),
-    out: Path = typer.Option(..., help="Output folder <class>/<i>.png."),
-    backbone: str = typer.Option("fashion-mnist", help="The backbone the statistics were made with."),
+    out: Path = typer.Option(..., help="Output folder (a distilled set: <class>/<i>.png, manifest); re-run to resume."),
+    backbone: Optional[str] = typer.Option(None, help="The backbone the statistics were made with (default: the "
+                                           "dataset's shipped one)."),
     vae: Optional[str] = typer.Option(None, help="Separate AutoencoderKL folder/hub id."),
+    data: Optional[str] = typer.Option(None, help="Dataset of the classes (default: the one in the statistics "
+                                       "folder's manifest)."),
+    data_root: Optional[Path] = typer.Option(None, help="Dataset root (default: the one in that manifest)."),
     ipc: int = typer.Option(10, help="Images per class to generate."),
     seed: int = typer.Option(0, help="Seed (per-class generators as in `distill`)."),
     option: list[str] = typer.Option([], "--set", help="d3hr option key=value (repeatable)."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
-    """Regenerate a D3HR distilled set from its stored per-class statistics and the backbone alone."""
+    """Regenerate a D3HR distilled set from its stored per-class statistics and the backbone alone: the
+    ``d3hr-regenerate`` method, exported like every method (manifest with file hashes, resumable)."""
+    import json
+
     from gendd.config import build_config
     from gendd.errors import DataError
     from gendd.export import check_ipc
-    from gendd.methods.d3hr import D3HRConfig, regenerate_from_statistics
-    from gendd.pipeline import parse_options, resolve_backbone
+    from gendd.methods.d3hr import D3HRRegenerateConfig
+    from gendd.pipeline import parse_options, recorded_data_root, run_distill
 
-    cfg = build_config(D3HRConfig, {"seed": seed, **parse_options(option)}, "method 'd3hr'")
+    opts = {"seed": seed, **parse_options(option), "statistics": str(statistics)}
+    build_config(D3HRRegenerateConfig, opts, "method 'd3hr-regenerate'")
     check_ipc(ipc)
     if not statistics.exists():
         raise DataError(f"statistics folder {statistics} does not exist; pass a d3hr output folder")
-    regenerate_from_statistics(statistics, resolve_backbone(backbone, vae), ipc, out, seed=seed, config=cfg,
-                               progress=not quiet)
+    manifest = statistics / "manifest.json"
+    recorded = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    data = data or recorded.get("dataset", {}).get("name")
+    if data is None:
+        raise DataError(f"{statistics} has no manifest.json naming its dataset; pass --data")
+    root = data_root or recorded_data_root(statistics, recorded, data)
+    backbone = backbone or (recorded.get("backbone") or {}).get("path")
+    run_distill("d3hr-regenerate", data, ipc, out, data_root=root, backbone=backbone, vae=vae, options=opts,
+                progress=not quiet)
     typer.echo(f"regenerated {ipc} images per class -> {out}")
 
 

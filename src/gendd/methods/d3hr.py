@@ -30,7 +30,7 @@ paper's value could not be checked. The default here is 10,000 groups, which cos
 reference.
 
 Storage. The class statistics (``mean``, ``variance``), the chosen ``group`` and the class ``label`` /
-``model_label`` are saved beside the latents, so :func:`regenerate_from_statistics` can rebuild the
+``model_label`` are saved beside the latents, so the ``d3hr-regenerate`` method can rebuild the
 images at any IPC from them and the backbone alone.
 """
 
@@ -41,21 +41,18 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import time
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from pathlib import Path
-from typing import ClassVar, Literal, Sequence
+from typing import ClassVar, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from gendd.backbone.sampling import SAMPLERS, SamplerConfig, ddim_invert, sample
 from gendd.blocks.group_sampling import select_group
 from gendd.config import check
 from gendd.errors import ConfigError, DataError
-from gendd.methods.base import ClassContext, ClassResult, Method, seed_for
+from gendd.methods.base import ClassContext, ClassResult, Method
 from gendd.methods.dit import DiTConfig
 
 
@@ -130,7 +127,7 @@ def generate_from_statistics(backbone, mean: torch.Tensor, variance: torch.Tenso
     """Steps 3-4: group sampling from ``N(mean, diag(variance))`` then DDIM from ``config.start_step``.
 
     Returns ``(latents (ipc, C, h, w), group (ipc, C, h, w), score stats)``. Shared by the method and
-    :func:`regenerate_from_statistics`, so equal inputs give bit-identical latents.
+    ``d3hr-regenerate``, so equal inputs give bit-identical latents.
     """
     shape = tuple(backbone.latent_shape)
     if mean.numel() != variance.numel() or mean.numel() != math.prod(shape):
@@ -217,78 +214,62 @@ class D3HR(Method):
         return ClassResult(latents=z, tensors=tensors, extra=extra)
 
 
-def _statistics_files(statistics: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    if isinstance(statistics, (str, os.PathLike)):
-        root = Path(statistics)
-        if root.is_file():
-            return [root]
-        if (root / "latents").is_dir():  # a distilled output folder
-            root = root / "latents"
-        files = sorted(root.glob("*.safetensors"))
-        if not files:
-            raise DataError(f"no .safetensors statistics in {root}; pass a d3hr output folder or its latents/")
-        return files
-    return [Path(p) for p in statistics]
+def statistics_file(statistics: str | os.PathLike, name: str) -> Path:
+    """The statistics file of class ``name`` in a d3hr output folder, its ``latents/`` or a folder of them."""
+    root = Path(statistics)
+    if (root / "latents").is_dir():  # a distilled output folder
+        root = root / "latents"
+    path = root / f"{name}.safetensors"
+    if not path.is_file():
+        raise DataError(f"no statistics for class {name!r} in {root} ({path.name} is missing); pass the d3hr "
+                        "output folder the statistics were saved in")
+    return path
 
 
-def regenerate_from_statistics(statistics: str | os.PathLike | Sequence[str | os.PathLike], backbone, ipc: int,
-                               out: str | os.PathLike, *, seed: int | None = None,
-                               config: D3HRConfig | None = None, classes: Sequence[str] | None = None,
-                               progress: bool = False, **options) -> dict:
-    """Rebuild a d3hr ImageFolder ``out/<class>/<i>.png`` from saved statistics and the backbone alone.
+@dataclass
+class D3HRRegenerateConfig(D3HRConfig):
+    """Attributes (besides d3hr's): statistics (a d3hr output folder, or its ``latents/``, holding each
+    class's ``mean``/``variance``/``label``/``model_label`` as :class:`D3HR` saves them)."""
 
-    ``statistics``: a d3hr output folder (or its ``latents/``) or ``.safetensors`` files holding
-    ``mean``, ``variance``, ``label`` and ``model_label`` (as :class:`D3HR` saves them); the file stem is
-    the class name. Each class uses the generator seed of the export (``seed_for(seed, label)``), so with
-    the same config, seed and IPC the PNGs are bit-identical to the method's; any other IPC works too.
-    ``config``/``options`` as for the method (``num_candidates``, ``skew_axis``, ...); ``seed`` overrides
-    ``config.seed``. Each class is written to ``out/.partial-<class>`` and renamed when complete.
+    config_what: ClassVar[str] = "d3hr-regenerate"
 
-    Returns (and writes to ``out/regenerate.json``) the config, seed and per-class score statistics.
-    """
-    from safetensors.torch import load_file
+    statistics: str | None = field(default=None, metadata=check(str, os.PathLike, optional=True))
 
-    from gendd.data.base import to_uint8
-    from gendd.export import save_png
+    def _check_fields(self) -> None:
+        super()._check_fields()
+        if self.statistics is not None:
+            object.__setattr__(self, "statistics", os.fspath(self.statistics))
 
-    if ipc < 1:
-        raise ConfigError(f"IPC must be >= 1, got {ipc}")
-    config = config or D3HRConfig()
-    if options:
-        config = dataclasses.replace(config, **options)
-    if seed is not None:
-        config = dataclasses.replace(config, seed=int(seed))
-    files = _statistics_files(statistics)
-    if classes is not None:
-        wanted = set(classes)
-        files = [f for f in files if f.stem in wanted]
-        missing = wanted - {f.stem for f in files}
-        if missing:
-            raise DataError(f"no statistics for class(es) {', '.join(sorted(missing))}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = {"method": "d3hr", "source": "statistics", "config": dataclasses.asdict(config), "ipc": ipc,
-              "classes_done": {}}
-    for f in tqdm(files, desc="d3hr regenerate", disable=not progress):
-        t = load_file(str(f))
+
+class D3HRRegenerate(Method):
+    """A D3HR set from stored per-class statistics and the backbone alone (D3HR's storable form): steps 3-4
+    of :class:`D3HR` with each class's saved Gaussian. With the same config, seed and IPC the images are
+    bit-identical to the d3hr export's (the same class generator, ``seed_for(seed, label)``); any IPC works."""
+
+    name = "d3hr-regenerate"
+    config_class = D3HRRegenerateConfig
+    needs_backbone = True
+    summary = "D3HR sampling from stored per-class statistics (no data pass, no inversion)"
+
+    def distill_class(self, ctx: ClassContext) -> ClassResult:
+        from safetensors.torch import load_file
+
+        cfg = self.config
+        if cfg.statistics is None:
+            raise ConfigError("d3hr-regenerate needs statistics=FOLDER (a d3hr output folder)")
+        path = statistics_file(cfg.statistics, ctx.name)
+        t = load_file(str(path))
         missing = {"mean", "variance", "label", "model_label"} - set(t)
         if missing:
-            raise DataError(f"{f} lacks {', '.join(sorted(missing))}; it was not written by gendd's d3hr")
-        t0 = time.time()
+            raise DataError(f"{path} lacks {', '.join(sorted(missing))}; it was not written by gendd's d3hr")
         label, model_label = int(t["label"].reshape(-1)[0]), int(t["model_label"].reshape(-1)[0])
-        class_seed = seed_for(config.seed, label)
-        gen = torch.Generator().manual_seed(class_seed)
-        z, _, stats = generate_from_statistics(backbone, t["mean"], t["variance"], model_label, ipc, gen, config,
-                                               progress=progress)
-        images = torch.cat([to_uint8(backbone.decode(z[i:i + 64])) for i in range(0, z.shape[0], 64)])
-        part, final = out / f".partial-{f.stem}", out / f.stem
-        shutil.rmtree(part, ignore_errors=True)
-        part.mkdir()
-        for i, img in enumerate(images):
-            save_png(img, part / f"{i}.png")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(part, final)
-        report["classes_done"][f.stem] = {"label": label, "model_label": model_label, "seed": class_seed,
-                                          "seconds": round(time.time() - t0, 3), "group_score": stats}
-    (out / "regenerate.json").write_text(json.dumps(report, indent=2))
-    return report
+        if (label, model_label) != (ctx.label, ctx.model_label):
+            raise DataError(f"{path} holds class {label} (model label {model_label}), but {ctx.name!r} is class "
+                            f"{ctx.label} (model label {ctx.model_label}) of this dataset")
+        z, _, stats = generate_from_statistics(ctx.backbone, t["mean"], t["variance"], model_label, ctx.ipc,
+                                               ctx.generator, cfg, progress=ctx.progress)
+        return ClassResult(latents=z, extra={"group_score": stats, "statistics_sha256": _sha256(path)})
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
