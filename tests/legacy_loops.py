@@ -26,10 +26,16 @@ from gendd.evaluate.data import TestData, TestU8
 from gendd.evaluate.protocols import IMAGENET_SIZE, DSAProtocol, IDCHardProtocol, SoftLabelProtocol
 from gendd.evaluate.recipes import _has_batchnorm, adamw_param_groups, cutmix_ce_loss, soft_label_loss
 from gendd.evaluate.students import build_student, student_builder
-from gendd.evaluate.teacher import (CHECKPOINT_FILE, FORMAT, TEACHER_FILE, TeacherConfig, _accuracy, _atomic_save,
+from gendd.evaluate.teacher import (CHECKPOINT_FILE, FORMAT, TEACHER_FILE, TeacherConfig, _accuracy,
                                     _normalize, _pad_crop, _size_for, _test_tensor, Teacher,
                                     load_teacher)
 from gendd.hardware import autocast, resolve_precision
+
+
+def _atomic_save(obj, path):
+    from gendd.artifacts import save_torch
+
+    save_torch(path, obj)
 
 
 def train_student(train_images: torch.Tensor, train_labels: torch.Tensor,

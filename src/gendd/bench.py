@@ -82,10 +82,9 @@ from typing import Any, ClassVar
 from gendd.config import Validated, check
 from gendd.errors import ConfigError, DataError, GenddError
 from gendd.pipeline import evaluation_done_seeds, run_distill, run_evaluate
+from gendd.artifacts import atomic_write, commit_dir, identity, write_json, write_text
 
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-#: Config fields that change how fast a bench runs, not what it computes: outside the config hash.
-EXECUTION_FIELDS = ("out", "workers", "threads", "compile")
 
 
 @dataclass(frozen=True)
@@ -254,9 +253,9 @@ class BenchConfig(Validated):
         return out
 
     def canonical(self) -> dict[str, Any]:
-        """The config as JSON-able data without the execution knobs (:data:`EXECUTION_FIELDS`)."""
-        d = dataclasses.asdict(self)
-        return json.loads(json.dumps({k: v for k, v in d.items() if k not in EXECUTION_FIELDS}, sort_keys=True))
+        """The config as JSON-able data without ``out`` and the execution knobs (workers, threads, compile:
+        :data:`gendd.artifacts.EXECUTION_KNOBS`), whose hash names the grid."""
+        return identity(dataclasses.asdict(self), drop=("out",))
 
     def config_hash(self) -> str:
         """First 12 hex digits of the sha256 of :meth:`canonical` as sorted, compact JSON."""
@@ -498,11 +497,7 @@ def save_real_images(cfg: BenchConfig, out: Path) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         for i, img in enumerate(ds.load(pick)):
             save_png(img, tmp / f"{i}.png")
-        if folder.exists():
-            import shutil
-
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        commit_dir(tmp, folder)
 
 
 def _distilled_latents(folder: Path, classes: list[str], channels: int, bb) -> tuple[dict[str, Any], str]:
@@ -715,9 +710,7 @@ def collect_rows(cfg: BenchConfig, out: Path, groups, t_distill: dict[str, float
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(obj), indent=2, default=str))
-    os.replace(tmp, path)
+    write_json(path, _json_safe(obj))
 
 
 def _json_safe(obj: Any) -> Any:
@@ -781,18 +774,20 @@ def results_markdown(rows: list[dict], rev: str, chash: str, metrics: bool, teac
 def write_results(cfg: BenchConfig, out: Path, rows: list[dict], set_metric: dict, rev: str, chash: str,
                   teacher_metric: dict | None = None) -> None:
     """``results.md`` (table), ``results.csv`` (every row field) and ``results.json`` (rows, config, metrics)."""
-    (out / "results.md").write_text(results_markdown(rows, rev, chash, cfg.metrics, bool(cfg.metrics_teacher)))
+    write_text(out / "results.md", results_markdown(rows, rev, chash, cfg.metrics, bool(cfg.metrics_teacher)))
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    tmp = out / "results.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v)
-                        for k, v in r.items()})
-    os.replace(tmp, out / "results.csv")
+
+    def write_csv(path: Path) -> None:
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v)
+                            for k, v in r.items()})
+
+    atomic_write(out / "results.csv", write_csv)
     _write_json(out / "results.json", {"name": cfg.name, "config": cfg.canonical(), "config_hash": chash,
                                        "git_rev": rev, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                        "rows": rows, "set_metrics": set_metric,

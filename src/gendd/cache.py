@@ -19,11 +19,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from gendd.data.base import ImageDataset, to_float
 from gendd.errors import ConfigError
+from gendd.artifacts import save_safetensors
 
 
 def default_cache_dir() -> Path:
@@ -60,12 +61,6 @@ def cache_key(dataset: ImageDataset, backbone, spec: EncodeSpec) -> str:
     h = hashlib.sha256(json.dumps({"dataset": dataset.fingerprint(), "backbone": backbone.content_hash(),
                                    "pad": backbone.meta.pad, "spec": asdict(spec)}, sort_keys=True).encode())
     return h.hexdigest()[:20]
-
-
-def _atomic_save_file(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
 
 
 class LatentCache:
@@ -119,7 +114,7 @@ class LatentCache:
                     bar.update(len(images))
             z = torch.cat(zs)
             ind = torch.as_tensor(idx, dtype=torch.long).repeat(len(views))
-            _atomic_save_file({"latents": z.contiguous(), "indices": ind.contiguous()}, cache.class_file(c),
-                              metadata={"class": dataset.classes[c]})
+            save_safetensors(cache.class_file(c), {"latents": z.contiguous(), "indices": ind.contiguous()},
+                             metadata={"class": dataset.classes[c]})
         bar.close()
         return cache

@@ -27,12 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from gendd.data.base import ImageDataset, to_uint8
 from gendd.errors import ConfigError, DataError, GenddError
 from gendd.methods.base import ClassContext, Method, seed_for
+from gendd.artifacts import commit_dir, save_safetensors, write_json
 
 MANIFEST = "manifest.json"
 
@@ -55,12 +55,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def save_png(image: torch.Tensor, path: Path) -> None:
@@ -186,18 +180,15 @@ def _export(method: Method, dataset: ImageDataset, ipc: int, out: Path, identity
         if res.latents is not None:
             tensors["latents"] = res.latents.float().cpu()
         if tensors:
-            lat_path = out / "latents" / f"{name}.safetensors"
-            tmp = lat_path.with_name(lat_path.name + ".tmp")
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-            os.replace(tmp, lat_path)
-        os.replace(part, out / name)  # commit point
+            save_safetensors(out / "latents" / f"{name}.safetensors", {k: v.contiguous() for k, v in tensors.items()})
+        commit_dir(part, out / name)  # commit point
         files = {f"{name}/{i}.png": sha256_file(out / name / f"{i}.png") for i in range(ipc)}
         if tensors:
             files[f"latents/{name}.safetensors"] = sha256_file(out / "latents" / f"{name}.safetensors")
         manifest["files"].update(files)
         manifest["classes_done"][name] = {"seed": seed, "seconds": round(time.time() - t0, 3), **res.extra}
-        _write_json_atomic(mpath, manifest)
+        write_json(mpath, manifest)
     manifest["complete"] = all((out / dataset.classes[c]).is_dir() for c in range(dataset.num_classes))
     manifest["seconds_total"] = round(sum(v["seconds"] for v in manifest["classes_done"].values()), 3)
-    _write_json_atomic(mpath, manifest)
+    write_json(mpath, manifest)
     return manifest

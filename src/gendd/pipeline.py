@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from gendd.artifacts import identity, write_json
 from gendd.errors import ConfigError, DataError
 
 #: Backbones shipped with the package: name -> folder under ``gendd/assets/backbones``. A dataset's own name
@@ -157,9 +158,7 @@ def _evaluation_setup(folder, data, data_root, profile, overrides, compile):
 
         shape["teacher"] = hashlib.sha256(str(Path(shape["teacher"]).resolve()).encode()).hexdigest()[:8]
     tag = profile + "".join(f"-{k}{v}" for k, v in sorted(shape.items()))
-    key = {"protocol": {k: v for k, v in asdict(protocol).items()
-                        if k not in ("repeats", "compile", "num_threads")},
-           "train_fingerprint": train.fingerprint()}
+    key = {"protocol": identity(asdict(protocol), drop=("repeats",)), "train_fingerprint": train.fingerprint()}
     return folder, manifest, data, protocol, test, train, tag, folder / f"eval-{tag}.partial.json", key
 
 
@@ -240,9 +239,7 @@ def run_evaluate(folder: str | os.PathLike, *, data: str | None = None, data_roo
         with _FileLock(partial_path):  # merge with students other processes saved meanwhile
             runs = [r for r in _saved_runs(partial_path, key, protocol.family) if r["seed"] != seed] + [run]
             runs.sort(key=lambda r: r["seed"])
-            tmp = partial_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"key": key, "runs": runs}, default=str))
-            os.replace(tmp, partial_path)
+            write_json(partial_path, {"key": key, "runs": runs}, indent=None)
     runs = [r for r in runs if r["seed"] < protocol.repeats]
     if not runs:
         raise DataError(f"no student of {folder} under protocol {tag!r} has been trained yet")
@@ -252,10 +249,7 @@ def run_evaluate(folder: str | os.PathLike, *, data: str | None = None, data_roo
                "method": manifest.get("method"), "ipc": manifest.get("ipc"), "runs": runs,
                "seconds_this_call": round(time.time() - t0, 2)}
     with _FileLock(partial_path):
-        out = folder / f"eval-{tag}.json"
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=2, default=str))
-        os.replace(tmp, out)
+        write_json(folder / f"eval-{tag}.json", summary)
     return summary
 
 

@@ -32,6 +32,7 @@ from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, ClassVar
 
+from gendd.artifacts import write_text
 from gendd.config import Validated, check
 
 _PATH = (str, os.PathLike)
@@ -232,15 +233,9 @@ def run_quality(cfg: QualityConfig, out: str | os.PathLike, progress: bool = Tru
                            for s in cfg.cfg_scales for ipc in cfg.sweep_ipc]
 
     report["profile"] = cfg.profile
-    _write(out / "quality.json", json.dumps(report, indent=2, default=str))
-    _write(out / "quality.md", quality_markdown(report))
+    write_text(out / "quality.json", json.dumps(report, indent=2, default=str))
+    write_text(out / "quality.md", quality_markdown(report))
     return report
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _f(v: Any, digits: int = 2) -> str:

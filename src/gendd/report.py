@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from gendd.errors import DataError
+from gendd.artifacts import atomic_write
 
 #: Line/marker colours (sets, methods), cycled.
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
@@ -420,7 +421,5 @@ def render_report(bench_dir: str | os.PathLike, out: str | os.PathLike | None = 
     page = build_html(bench_dir, tsne=tsne, max_images=max_images, seed=seed)
     out = Path(out) if out is not None else Path(bench_dir) / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write(out, lambda p: p.write_text(page, encoding="utf-8"))
     return out

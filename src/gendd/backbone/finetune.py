@@ -72,6 +72,7 @@ from gendd.backbone.train import _log, _Stage, disable_builtin_label_dropout, q_
 from gendd.blocks.memory import EVICTION_POLICIES, ClassMemory, diversity_loss, representativeness_loss
 from gendd.config import Validated, build_config, check
 from gendd.errors import ConfigError, DataError
+from gendd.artifacts import write_json
 
 FINETUNE_RECORD = "finetune.json"
 _LOG_EVERY = 50
@@ -346,12 +347,6 @@ def _mix(*ints: int) -> int:
     return s
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def finetune(backbone: Backbone, latents, out: str | os.PathLike, config: FinetuneConfig | None = None, *,
              model_labels: Sequence[int] | None = None, class_names: Sequence[str] | None = None,
              progress: bool = True, on_step: Callable[[dict], None] | None = None) -> FinetuneResult:
@@ -387,7 +382,7 @@ def finetune(backbone: Backbone, latents, out: str | os.PathLike, config: Finetu
         if json.loads(cfg_file.read_text()) != json.loads(json.dumps(record)):
             raise ConfigError(f"{out} holds a fine-tune with a different config, backbone or data; use another folder")
     else:
-        _write_json_atomic(cfg_file, record)
+        write_json(cfg_file, record)
     step = cfg.class_chunk or n
     chunks = [list(range(i, min(i + step, n))) for i in range(0, n, step)]
     rec_file = out / FINETUNE_RECORD
@@ -401,7 +396,7 @@ def finetune(backbone: Backbone, latents, out: str | os.PathLike, config: Finetu
             entry = {"path": rel, "labels": labels, "classes": [class_names[c] for c in labels],
                      "model_labels": [model_labels[c] for c in labels], "steps": steps}
             done.append(entry)
-            _write_json_atomic(rec_file, {"chunks": done, "complete": k == len(chunks) - 1})
+            write_json(rec_file, {"chunks": done, "complete": k == len(chunks) - 1})
         result.chunks.append(FinetunedChunk(path=out / rel, classes=entry["classes"], labels=entry["labels"],
                                             model_labels=entry["model_labels"], steps=entry["steps"]))
     return result

@@ -36,6 +36,7 @@ from gendd.config import Validated, check
 from gendd.data.base import ImageDataset, to_float
 from gendd.errors import ConfigError, NumericalError
 from gendd.hardware import PRECISIONS, autocast, resolve_precision
+from gendd.artifacts import same_identity, save_torch
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -89,20 +90,6 @@ class BackboneTrainConfig(Validated):
     def _check_fields(self) -> None:
         if self.dit_hidden % self.dit_heads:
             raise ConfigError(f"dit_hidden ({self.dit_hidden}) must be a multiple of dit_heads ({self.dit_heads})")
-
-
-#: How a run executes, not what it computes: a run resumes with other values of these.
-EXECUTION_FIELDS = ("num_threads", "checkpoint_every")
-
-
-def _identity(record: dict) -> dict:
-    return {**record, "config": {k: v for k, v in record["config"].items() if k not in EXECUTION_FIELDS}}
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _log(path: Path, record: dict) -> None:
@@ -184,11 +171,10 @@ class _Stage:
         return True
 
     def save(self, extra=None) -> None:
-        _atomic_save({"model": self.model.state_dict(), "opt": self.opt.state_dict(),
-                      "ema": self.ema.state_dict() if self.ema is not None else None,
-                      "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(), "step": self.step,
-                      "extra": extra},
-                     self.ckpt)
+        save_torch(self.ckpt, {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                               "ema": self.ema.state_dict() if self.ema is not None else None,
+                               "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(), "step": self.step,
+                               "extra": extra})
 
     def update(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
@@ -227,7 +213,7 @@ def train_backbone(dataset: ImageDataset, out: str | os.PathLike, cfg: BackboneT
     record = {"config": asdict(cfg), "dataset": dataset.name, "fingerprint": dataset.fingerprint()}
     if cfg_file.exists():
         old = json.loads(cfg_file.read_text())
-        if _identity(old) != _identity(json.loads(json.dumps(record))):
+        if not same_identity(old, record):  # num_threads, checkpoint_every: execution knobs
             raise ConfigError(f"{out} holds a run with a different config or dataset; use another --out")
     else:
         cfg_file.write_text(json.dumps(record, indent=2))
@@ -281,7 +267,7 @@ def train_backbone(dataset: ImageDataset, out: str | os.PathLike, cfg: BackboneT
                 chunks.append(vae.encode(x).latent_dist.mean)
         z = torch.cat(chunks)
         lat = {"z": z, "scaling_factor": float(1.0 / z.std())}
-        _atomic_save(lat, latents_file)
+        save_torch(latents_file, lat)
     vae.register_to_config(scaling_factor=lat["scaling_factor"])
     z_all = lat["z"] * lat["scaling_factor"]
 

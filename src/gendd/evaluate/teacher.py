@@ -44,6 +44,7 @@ from gendd.evaluate.protocols import IMAGENET_SIZE
 from gendd.evaluate.fit import Checkpoint, Generators, Recipe, fit_student
 from gendd.evaluate.students import build_student, student_builder, torchvision_resnet18_shapes
 from gendd.hardware import PRECISIONS, autocast
+from gendd.artifacts import same_identity, save_torch
 
 TEACHER_FILE = "teacher.pt"
 CHECKPOINT_FILE = "teacher.ckpt"
@@ -177,12 +178,6 @@ def _accuracy(net: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, mean, std, ba
     return 100.0 * correct / max(1, x_u8.shape[0])
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 class TeacherRecipe(Recipe):
     """A teacher is a student fitted on the real training split: :class:`TeacherConfig`'s recipe."""
 
@@ -237,13 +232,13 @@ class _TeacherCheckpoint(Checkpoint):
         if not self.path.exists():
             return None
         state = torch.load(self.path, map_location="cpu", weights_only=True)
-        if state.get("identity") != self.identity or "generators" not in state:
+        if not same_identity(state.get("identity"), self.identity) or "generators" not in state:
             raise ConfigError(f"{self.path} is an interrupted teacher run with other settings (or of an older "
                               "gendd); pass another --out or delete the folder")
         return state
 
     def save(self, state: dict) -> None:
-        _atomic_save({"identity": self.identity, **state}, self.path)
+        save_torch(self.path, {"identity": self.identity, **state})
 
 
 def train_teacher(dataset_train: ImageDataset, dataset_test: ImageDataset, student_name: str,
@@ -271,7 +266,7 @@ def train_teacher(dataset_train: ImageDataset, dataset_test: ImageDataset, stude
     final = out / TEACHER_FILE
     if final.exists():
         saved = torch.load(final, map_location="cpu", weights_only=True)
-        if saved.get("identity") == identity:
+        if same_identity(saved.get("identity"), identity):
             return load_teacher(final)
         raise ConfigError(f"{final} holds a teacher trained with other settings; pass another --out "
                           "or delete it")
@@ -281,13 +276,13 @@ def train_teacher(dataset_train: ImageDataset, dataset_test: ImageDataset, stude
     run = fit_student(recipe, config.seed, precision=config.precision, num_threads=config.num_threads,
                       progress=progress, desc=f"teacher {student_name}",
                       checkpoint=_TeacherCheckpoint(ckpt, identity), return_model=True)
-    _atomic_save({"format": FORMAT, "state_dict": run.model.state_dict(), "student": student_name,
+    save_torch(final, {"format": FORMAT, "state_dict": run.model.state_dict(), "student": student_name,
                   "channels": dataset_train.channels, "num_classes": dataset_train.num_classes, "image_size": size,
                   "mean": list(recipe.mean), "std": list(recipe.std), "test_acc": run.final_acc,
                   "config": dataclasses.asdict(config), "classes": list(dataset_train.classes),
                   "dataset": dataset_train.name, "test_split": dataset_test.split,
                   "history": [list(h) for h in run.history], "losses": run.losses, "seconds": run.seconds,
-                  "identity": identity, "precision": run.precision}, final)
+                  "identity": identity, "precision": run.precision})
     ckpt.unlink(missing_ok=True)
     return load_teacher(final)
 

@@ -54,6 +54,7 @@ from gendd.config import check
 from gendd.errors import ConfigError, DataError
 from gendd.methods.base import ClassContext, ClassResult, Method
 from gendd.methods.dit import DiTConfig
+from gendd.artifacts import save_safetensors
 
 
 @dataclass
@@ -172,7 +173,7 @@ class D3HR(Method):
         folder (``d3hr-<key>.safetensors``, key = hash of the DiT, the inversion settings, the class label
         and its latents) and reused by every later run: IPC 1, 10 and 50 pay the inversion once.
         """
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
 
         cfg = self.config
         inv = cfg.inversion_config(ctx.backbone)
@@ -194,9 +195,7 @@ class D3HR(Method):
         zt = ddim_invert(ctx.backbone, z0, labels, cfg.inversion_steps, inv, progress=ctx.progress)
         mean, var = class_statistics(zt)
         if path is not None:
-            tmp = path.with_suffix(".tmp")
-            save_file({"mean": mean.contiguous(), "variance": var.contiguous()}, str(tmp))
-            os.replace(tmp, path)
+            save_safetensors(path, {"mean": mean.contiguous(), "variance": var.contiguous()})
         return mean, var
 
     def distill_class(self, ctx: ClassContext) -> ClassResult:
