@@ -19,7 +19,7 @@ def _hashes(folder):
 def test_random_export_layout_and_manifest(toy_dataset, tmp_path):
     m = distill(build_method("random", seed=3), toy_dataset, 4, tmp_path / "o", progress=False)
     out = tmp_path / "o"
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["c0", "c1", "c2", "c3", "latents"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [".records", "c0", "c1", "c2", "c3", "latents"]
     assert len(list((out / "c2").glob("*.png"))) == 4
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest == json.loads(json.dumps(m, default=str))

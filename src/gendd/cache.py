@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from gendd.data.base import ImageDataset, to_float
 from gendd.errors import ConfigError
-from gendd.artifacts import save_safetensors
+from gendd.artifacts import save_safetensors, write_text
+from gendd.distributed import current_world
 
 
 def default_cache_dir() -> Path:
@@ -93,9 +94,12 @@ class LatentCache:
         root.mkdir(parents=True, exist_ok=True)
         meta = {"dataset": dataset.name, "split": dataset.split, "fingerprint": dataset.fingerprint(),
                 "backbone": backbone.content_hash(), "spec": asdict(spec), "classes": dataset.classes}
-        (root / "meta.json").write_text(json.dumps(meta, indent=2))
+        write_text(root / "meta.json", json.dumps(meta, indent=2))
         cache = cls(root, dataset.num_classes)
+        world = current_world()
         todo = [c for c in range(dataset.num_classes) if not cache.class_file(c).exists()]
+        world.barrier()  # every rank has listed the same classes before any is written
+        todo = world.shard(todo)
         gen = torch.Generator().manual_seed(spec.seed)
         views = [lambda x: x, lambda x: x.flip(-1)] if spec.flip else [lambda x: x]
         bar = tqdm(total=len(views) * sum(len(dataset.class_indices(c)) for c in todo), desc="encoding",
@@ -117,4 +121,5 @@ class LatentCache:
             save_safetensors(cache.class_file(c), {"latents": z.contiguous(), "indices": ind.contiguous()},
                              metadata={"class": dataset.classes[c]})
         bar.close()
+        world.barrier()  # every class file exists before anyone reads the cache
         return cache

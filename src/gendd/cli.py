@@ -419,11 +419,14 @@ def report_cmd(
     typer.echo(str(render_report(bench_dir, out, tsne=tsne, max_images=max_images)))
 
 def main() -> None:
-    """Entry point: GenddError -> one line on stderr, exit status 2."""
+    """Entry point: GenddError -> one line on stderr, exit status 2. Under ``torchrun`` the ranks join one
+    process group first (:mod:`gendd.distributed`)."""
+    from gendd.distributed import init_from_env
     from gendd.hardware import tune_allocator
 
     tune_allocator()
     try:
+        init_from_env()
         app()
     except GenddError as err:
         typer.echo(f"error: {err}", err=True)

@@ -33,8 +33,10 @@ from gendd.data.base import ImageDataset, to_uint8
 from gendd.errors import ConfigError, DataError, GenddError
 from gendd.methods.base import ClassContext, Method, seed_for
 from gendd.artifacts import commit_dir, save_safetensors, write_json
+from gendd.distributed import World, current_world
 
 MANIFEST = "manifest.json"
+RECORDS = ".records"  # per-class records the manifest is assembled from
 
 
 def package_versions() -> dict[str, str]:
@@ -119,6 +121,7 @@ def distill(method: Method, dataset: ImageDataset, ipc: int, out: str | os.PathL
     out = Path(out)
     identity = _run_identity(method, dataset, ipc, backbone)
     mpath = out / MANIFEST
+    world = current_world()
     if mpath.exists():
         old = json.loads(mpath.read_text())
         same = {k: old.get(k) for k in identity} == json.loads(json.dumps(identity, default=str))
@@ -126,36 +129,40 @@ def distill(method: Method, dataset: ImageDataset, ipc: int, out: str | os.PathL
             if not overwrite:
                 raise ConfigError(f"{out} holds a different distillation run; choose another --out "
                                   "or pass --overwrite")
-            shutil.rmtree(out)
+            world.barrier()  # every rank has read the old manifest before rank 0 removes it
+            if world.is_main:
+                shutil.rmtree(out)
     created = not out.exists()
     try:
-        return _export(method, dataset, ipc, out, identity, classes, backbone, cache, progress)
+        return _export(method, dataset, ipc, out, identity, classes, backbone, cache, progress, world)
     except GenddError:
-        if created:
+        if created and world.is_main:
             shutil.rmtree(out, ignore_errors=True)
         raise
 
 
 def _export(method: Method, dataset: ImageDataset, ipc: int, out: Path, identity: dict, classes: list[int],
-            backbone, cache, progress: bool) -> dict[str, Any]:
-    """The class loop of :func:`distill` (arguments checked there)."""
+            backbone, cache, progress: bool, world: World) -> dict[str, Any]:
+    """The class loop of :func:`distill` (arguments checked there). Each class is written to
+    ``out/.partial-<class>``, its record (seed, seconds, method facts, file hashes) to ``out/.records/<class>.json``,
+    and then the folder is renamed into place: the commit point. The manifest is assembled from the records
+    (by rank 0 under torch.distributed, after every rank has committed its classes)."""
     mpath = out / MANIFEST
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "latents").mkdir(exist_ok=True)
-    manifest = json.loads(mpath.read_text()) if mpath.exists() else {
-        **identity, "seed_rule": "class generator seed = (seed * 1000003 + class index) mod 2**63",
-        "versions": package_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "classes_done": {}, "files": {}}
-    # where the data was read (not part of the run's identity: a moved copy of the same data resumes);
-    # `gendd evaluate` finds the test split there without --data-root
-    manifest["dataset_root"] = dataset.root
-    resolve = getattr(method.config, "resolved", None)
-    if resolve is not None and backbone is not None:  # what "auto"/None options became for this backbone
-        manifest["resolved"] = resolve(backbone)
-    for stale in out.glob(".partial-*"):  # left by an interrupted run
-        shutil.rmtree(stale)
+    records = out / RECORDS
+    world.barrier()  # rank 0 may have removed an old run
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "latents").mkdir(exist_ok=True)
+        records.mkdir(exist_ok=True)
+        for stale in out.glob(".partial-*"):  # left by an interrupted run
+            shutil.rmtree(stale)
+    world.barrier()
     todo = [c for c in classes if not (out / dataset.classes[c]).is_dir()]
-    bar = tqdm(todo, desc=f"{method.name} ipc={ipc}", disable=not progress)
+    world.barrier()  # every rank has listed the same classes before any is committed
+    mine = world.shard(todo)
+    manifest = _base_manifest(method, identity, mpath, dataset, backbone)
+    bar = tqdm(mine, desc=f"{method.name} ipc={ipc}" + (f" rank {world.rank}" if world.size > 1 else ""),
+               disable=not progress)
     for c in bar:
         name = dataset.classes[c]
         t0 = time.time()
@@ -176,19 +183,49 @@ def _export(method: Method, dataset: ImageDataset, ipc: int, out: Path, identity
         part.mkdir()
         for i, img in enumerate(images):
             save_png(img, part / f"{i}.png")
+        files = {f"{name}/{i}.png": sha256_file(part / f"{i}.png") for i in range(ipc)}
         tensors = dict(res.tensors)
         if res.latents is not None:
             tensors["latents"] = res.latents.float().cpu()
         if tensors:
-            save_safetensors(out / "latents" / f"{name}.safetensors", {k: v.contiguous() for k, v in tensors.items()})
+            lat = out / "latents" / f"{name}.safetensors"
+            save_safetensors(lat, {k: v.contiguous() for k, v in tensors.items()})
+            files[f"latents/{name}.safetensors"] = sha256_file(lat)
+        record = {"seed": seed, "seconds": round(time.time() - t0, 3), **res.extra, "files": files}
+        write_json(records / f"{name}.json", record)
         commit_dir(part, out / name)  # commit point
-        files = {f"{name}/{i}.png": sha256_file(out / name / f"{i}.png") for i in range(ipc)}
-        if tensors:
-            files[f"latents/{name}.safetensors"] = sha256_file(out / "latents" / f"{name}.safetensors")
-        manifest["files"].update(files)
-        manifest["classes_done"][name] = {"seed": seed, "seconds": round(time.time() - t0, 3), **res.extra}
+        if world.size == 1:  # one process: the manifest follows every class
+            _add_record(manifest, name, record)
+            write_json(mpath, manifest)
+    world.barrier()
+    if world.is_main:
+        for c in range(dataset.num_classes):
+            name = dataset.classes[c]
+            if (out / name).is_dir() and (records / f"{name}.json").is_file():
+                _add_record(manifest, name, json.loads((records / f"{name}.json").read_text()))
+        manifest["complete"] = all((out / dataset.classes[c]).is_dir() for c in range(dataset.num_classes))
+        manifest["seconds_total"] = round(sum(v["seconds"] for v in manifest["classes_done"].values()), 3)
         write_json(mpath, manifest)
-    manifest["complete"] = all((out / dataset.classes[c]).is_dir() for c in range(dataset.num_classes))
-    manifest["seconds_total"] = round(sum(v["seconds"] for v in manifest["classes_done"].values()), 3)
-    write_json(mpath, manifest)
+    world.barrier()
+    return json.loads(mpath.read_text()) if not world.is_main else manifest
+
+
+def _base_manifest(method: Method, identity: dict, mpath: Path, dataset: ImageDataset, backbone) -> dict[str, Any]:
+    """The saved manifest (a resumed run) or a new one, with where the data was read and resolved options."""
+    manifest = json.loads(mpath.read_text()) if mpath.exists() else {
+        **identity, "seed_rule": "class generator seed = (seed * 1000003 + class index) mod 2**63",
+        "versions": package_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "classes_done": {}, "files": {}}
+    # where the data was read (not part of the run's identity: a moved copy of the same data resumes);
+    # `gendd evaluate` finds the test split there without --data-root
+    manifest["dataset_root"] = dataset.root
+    resolve = getattr(method.config, "resolved", None)
+    if resolve is not None and backbone is not None:  # what "auto"/None options became for this backbone
+        manifest["resolved"] = resolve(backbone)
     return manifest
+
+
+def _add_record(manifest: dict, name: str, record: dict) -> None:
+    record = dict(record)
+    manifest["files"].update(record.pop("files", {}))
+    manifest["classes_done"][name] = record

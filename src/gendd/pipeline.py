@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gendd.artifacts import identity, write_json
+from gendd.distributed import current_world
 from gendd.errors import ConfigError, DataError
 
 #: Backbones shipped with the package: name -> folder under ``gendd/assets/backbones``. A dataset's own name
@@ -89,7 +90,8 @@ def run_distill(method_name: str, data: str, ipc: int, out: str | os.PathLike, *
 
         cache = LatentCache.build(ds, bb, cache_dir, method.encode_spec(), progress=progress)
     if bb is not None:  # after the cache: fine-tuning changes the DiT, not the VAE the cache was made with
-        bb = method.prepare(ds, bb, cache_dir=cache_dir, progress=progress)
+        with current_world().main_first():  # resumable: the other ranks find it done
+            bb = method.prepare(ds, bb, cache_dir=cache_dir, progress=progress)
     return distill(method, ds, ipc, out, backbone=bb, cache=cache, progress=progress, overwrite=overwrite)
 
 

@@ -1,0 +1,131 @@
+"""Class-sharded distillation under torch.distributed (gloo, CPU): N ranks write byte for byte what one process
+writes, for every registered method; a rank that dies loses only its class in flight, and a rerun with another
+number of ranks finishes without recomputing committed classes."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+from pathlib import Path
+
+import pytest
+
+from gendd.methods import available_methods
+
+FT = {"steps": 1, "batch_size": 4}
+OPTIONS = {
+    "random": {}, "herding": {}, "kcenter": {}, "dit": {"num_steps": 2}, "mgd3": {"num_steps": 2},
+    "d3hr": {"num_steps": 4, "inversion_steps": 2, "num_candidates": 8}, "d4m": {"num_steps": 2},
+    "dm": {"iterations": 2}, "minimax": {"num_steps": 2, "finetune": FT}, "memory": {"num_steps": 2, "finetune": FT},
+    "memory+mgd3": {"num_steps": 2, "finetune": FT},
+}
+
+
+def _worker(rank: int, size: int, root: str, out: str, methods: list[str], die_after: int | None,
+            store: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # every run the same thread count: the same float sums
+    os.environ["GENDD_FINETUNE"] = str(Path(root) / "finetuned")
+    if size > 1:
+        import datetime
+
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                                world_size=size, timeout=datetime.timedelta(seconds=20))
+    from conftest import make_dataset
+    from gendd.backbone import tiny_backbone
+    from gendd.cache import LatentCache
+    from gendd.distributed import current_world
+    from gendd.export import distill
+    from gendd.methods import build_method
+
+    if die_after is not None and rank == 1:
+        import gendd.export as export
+
+        commits = []
+        real_commit = export.commit_dir
+
+        def commit_then_die(part, final):
+            real_commit(part, final)
+            commits.append(final)
+            if len(commits) == die_after:
+                os._exit(3)  # killed right after committing a class
+
+        export.commit_dir = commit_then_die
+    ds = make_dataset(num_classes=5, per_class=6, size=12)
+    bb = tiny_backbone(num_classes=5, image_size=16, channels=1, pad=2, vae_channels=(32, 32))
+    for name in methods:
+        m = build_method(name, **OPTIONS[name])
+        cache = (LatentCache.build(ds, bb, Path(root) / "cache", m.encode_spec(), progress=False)
+                 if m.needs_cache else None)
+        with current_world().main_first():
+            b = m.prepare(ds, bb, cache_dir=Path(root) / "cache", progress=False)
+        distill(m, ds, 2, Path(out) / name, backbone=b, cache=cache, progress=False)
+
+
+def _run(size: int, root: Path, out: Path, methods: list[str], die_after: int | None = None) -> list[int]:
+    import uuid
+
+    ctx = mp.get_context("spawn")
+    store = str(root / f"pg-{uuid.uuid4().hex}")  # a fresh rendezvous file per run
+    procs = [ctx.Process(target=_worker, args=(r, size, str(root), str(out), methods, die_after, store))
+             for r in range(size)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    return [p.exitcode for p in procs]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != "manifest.json" and ".records" not in p.parts}
+
+
+def _manifest(folder: Path) -> dict:
+    """The manifest without wall-clock facts (timestamps, seconds at any depth), the run's root folder as
+    ``<root>`` (fine-tuned backbones are recorded by path)."""
+
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in ("created", "seconds", "seconds_total")}
+        return [strip(v) for v in x] if isinstance(x, list) else x
+
+    root = str(folder.parent.parent)
+    return strip(json.loads((folder / "manifest.json").read_text().replace(root, "<root>")))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("one")
+    assert _run(1, root, root / "out", sorted(OPTIONS)) == [0]
+    return root / "out"
+
+
+def test_every_registered_method_is_covered():
+    assert set(available_methods()) - {"d3hr-regenerate"} == set(OPTIONS)
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_n_ranks_write_what_one_process_writes(reference, tmp_path, size):
+    assert _run(size, tmp_path, tmp_path / "out", sorted(OPTIONS)) == [0] * size
+    for name in sorted(OPTIONS):
+        one, many = reference / name, tmp_path / "out" / name
+        assert _files(many) == _files(one), name
+        assert _manifest(many) == _manifest(one), name
+        assert _manifest(many)["complete"]
+
+
+def test_a_dead_rank_loses_only_its_class_in_flight(reference, tmp_path):
+    codes = _run(2, tmp_path, tmp_path / "out", ["dit"], die_after=1)
+    assert codes[1] == 3 and codes[0] != 0  # rank 0 gives up at the barrier
+    folder = tmp_path / "out" / "dit"
+    done = {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.is_dir() and p.name.startswith("c")}
+    assert 1 <= len(done) < 5 and not any(p.name.startswith(".partial") for p in folder.iterdir())
+    assert _run(3, tmp_path, tmp_path / "out", ["dit"]) == [0, 0, 0]
+    again = {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.is_dir() and p.name.startswith("c")}
+    assert {k: again[k] for k in done} == done and len(again) == 5  # committed classes were not redone
+    assert _files(folder) == _files(reference / "dit") and _manifest(folder) == _manifest(reference / "dit")
