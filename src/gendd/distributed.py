@@ -88,3 +88,16 @@ def init_from_env(timeout_s: float = 1800.0) -> World:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return current_world()
+
+
+def default_device() -> str:
+    """Where this rank's models run: ``$GENDD_DEVICE`` if set, else its GPU (``cuda:<LOCAL_RANK>``) when CUDA is
+    available, else the CPU."""
+    import torch
+
+    chosen = os.environ.get("GENDD_DEVICE", "").strip()
+    if chosen:
+        return chosen
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % max(1, torch.cuda.device_count())}"
+    return "cpu"

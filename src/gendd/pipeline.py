@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gendd.artifacts import identity, write_json
-from gendd.distributed import current_world
+from gendd.distributed import current_world, default_device
 from gendd.errors import ConfigError, DataError
 
 #: Backbones shipped with the package: name -> folder under ``gendd/assets/backbones``. A dataset's own name
@@ -34,7 +34,8 @@ def backbone_folder(spec: str | os.PathLike) -> Path:
 
 def resolve_backbone(spec: str | os.PathLike, vae: str | os.PathLike | None = None):
     """A shipped backbone name (``fashion-mnist``), a local diffusers DiT folder, or a hub id in the
-    local Hugging Face cache (``facebook/DiT-XL-2-256``, with ``vae="stabilityai/sd-vae-ft-ema"``)."""
+    local Hugging Face cache (``facebook/DiT-XL-2-256``, with ``vae="stabilityai/sd-vae-ft-ema"``), on this rank's
+    device (:func:`gendd.distributed.default_device`)."""
     from gendd.backbone import Backbone
 
     if str(spec) in SHIPPED_BACKBONES:
@@ -42,8 +43,8 @@ def resolve_backbone(spec: str | os.PathLike, vae: str | os.PathLike | None = No
         if not (path / "transformer").is_dir():
             raise ConfigError(f"the shipped backbone {spec!r} is missing from {path}; reinstall gendd or "
                               "train one with `gendd backbone train`")
-        return Backbone.from_pretrained(path, vae=vae)
-    return Backbone.from_pretrained(spec, vae=vae)
+        return Backbone.from_pretrained(path, vae=vae).to(default_device())
+    return Backbone.from_pretrained(spec, vae=vae).to(default_device())
 
 
 def default_backbone_for(data: str) -> str | None:
