@@ -113,10 +113,11 @@ def test_cosine_schedule_sets_each_step_lr_and_resumes(tmp_path):
     assert const.opt.param_groups[0]["lr"] == 0.1
 
 
-def test_cosine_bf16_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+def _interrupted_then_resumed(tmp_path, monkeypatch, first, second):
+    """Train ``first`` into split/ until the DiT's step 3 (a Ctrl-C), resume with ``second``; return the states of
+    an uninterrupted ``first`` run and of the resumed one."""
     ds = make_dataset(size=12)
-    cfg = _tiny_cfg(lr_schedule="cosine", vae_precision="bf16")
-    train_backbone(ds, tmp_path / "whole", cfg, progress=False)
+    train_backbone(ds, tmp_path / "whole", first, progress=False)
     update = _Stage.update
 
     def crash(self, loss):
@@ -126,29 +127,21 @@ def test_cosine_bf16_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
 
     monkeypatch.setattr(_Stage, "update", crash)
     with pytest.raises(KeyboardInterrupt):
-        train_backbone(ds, tmp_path / "split", cfg, progress=False)
+        train_backbone(ds, tmp_path / "split", first, progress=False)
     monkeypatch.setattr(_Stage, "update", update)
-    train_backbone(ds, tmp_path / "split", cfg, progress=False)
-    a, b = _state(tmp_path / "whole"), _state(tmp_path / "split")
-    assert all(torch.equal(a[k], b[k]) for k in a)  # the same steps in the same order
+    train_backbone(ds, tmp_path / "split", second, progress=False)
+    return _state(tmp_path / "whole"), _state(tmp_path / "split")
+
+
+def test_cosine_bf16_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    cfg = _tiny_cfg(lr_schedule="cosine", vae_precision="bf16")
+    a, b = _interrupted_then_resumed(tmp_path, monkeypatch, cfg, cfg)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same steps in the same order
 
 
 def test_resume_with_other_threads_and_checkpoint_interval(tmp_path, monkeypatch):
     """num_threads and checkpoint_every say how a run executes: a run resumes under other recorded values
     (here the same actual thread count, N then None = leave as is, so the steps are the same: exact)."""
-    ds = make_dataset(size=12)
-    train_backbone(ds, tmp_path / "whole", _tiny_cfg(), progress=False)
-    update = _Stage.update
-
-    def crash(self, loss):
-        if self.name == "dit" and self.step == 3:
-            raise KeyboardInterrupt
-        update(self, loss)
-
-    monkeypatch.setattr(_Stage, "update", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train_backbone(ds, tmp_path / "split", _tiny_cfg(num_threads=torch.get_num_threads()), progress=False)
-    monkeypatch.setattr(_Stage, "update", update)
-    train_backbone(ds, tmp_path / "split", _tiny_cfg(checkpoint_every=1), progress=False)
-    a, b = _state(tmp_path / "whole"), _state(tmp_path / "split")
+    a, b = _interrupted_then_resumed(tmp_path, monkeypatch, _tiny_cfg(num_threads=torch.get_num_threads()),
+                                     _tiny_cfg(checkpoint_every=1))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

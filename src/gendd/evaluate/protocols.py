@@ -63,7 +63,8 @@ class BaseProtocol(Validated):
         precision: ``fp32``, ``bf16`` (autocast on the forward passes) or ``auto`` (bf16 only where the
             hardware computes it natively and faster: :func:`gendd.hardware.resolve_precision`). Each student
             records the precision it ran at.
-        compile: wrap the student in ``torch.compile`` (a speed knob outside the results' identity).
+        compile: wrap the student in ``torch.compile`` (a speed knob outside the results' identity: about
+            1.3-1.5x faster fp32 steps on CPU after a one-off ~15-20 s compilation per process; needs a C++ compiler).
         num_threads: torch intra-op threads during the run (``None`` = leave as is).
         test_limit: evaluate on a class-balanced subset of this many test images (tests only).
     """
@@ -105,24 +106,15 @@ class DSAProtocol(BaseProtocol):
         batch_size: reference ``batch_train``; sets are reshuffled each pass, last batch kept.
         lr_decay_epoch: pass after which lr *= 0.1 (momentum reset); ``None`` = ``epochs//2 + 1``.
         dsa_strategy: DSA op groups (``"none"`` disables augmentation; drop ``flip`` for MNIST).
-        repeats: students trained from independent seeds (reference: ``num_eval``).
+        repeats: students trained from independent seeds (reference: ``num_eval``; 5).
         eval_every: passes between test evaluations for the best-over-training figure;
             ``None`` = ``max(1, epochs // 10)`` (about 10 evaluations), ``0`` = final only.
             The final pass is always evaluated.
-        test_batch_size: images per forward pass when testing.
-        precision: ``fp32`` (the reference), ``bf16`` (autocast on the forward passes) or
-            ``auto`` (bf16 only where the hardware computes it natively and faster:
-            :func:`gendd.hardware.resolve_precision`). Each student records the precision it ran at.
-        compile: wrap the student in ``torch.compile`` (about 1.3-1.5x faster fp32 steps and
-            test passes on CPU, after a one-off ~15-20 s compilation per process; needs a C++
-            compiler).
-        num_threads: torch intra-op threads during the run (``None`` = leave as is).
-        test_limit: evaluate on a class-balanced subset of this many test images (tests only).
+        test_batch_size: 500. The other shared fields (``student``, ``precision``, ``compile``,
+            ``num_threads``, ``test_limit``): :class:`BaseProtocol`.
     """
 
     family: ClassVar[str] = "dsa"
-    soft_labels: ClassVar[bool] = False
-    test_upscale: ClassVar[bool] = False
 
     name: str = field(default="dsa", metadata=check(str, min_length=1))
     student: str = field(default="convnet3", metadata=_STUDENT)
@@ -251,9 +243,7 @@ class IDCHardProtocol(BaseProtocol):
             :class:`DSAProtocol`.
     """
 
-    family: ClassVar[str] = "idc-hard"
-    soft_labels: ClassVar[bool] = False
-    test_upscale: ClassVar[bool] = False  # Resize(size) + CenterCrop(size)
+    family: ClassVar[str] = "idc-hard"  # tests at Resize(size) + CenterCrop(size)
 
     name: str = field(default="idc-hard", metadata=check(str, min_length=1))
     student: str = field(default="resnet_ap10", metadata=_STUDENT)

@@ -15,8 +15,8 @@ import torch
 
 from gendd.data.base import ImageDataset
 from gendd.errors import DataError
-from gendd.evaluate.data import (TestData, accuracy, balanced_indices, format_result, labels_in_test_order,
-                                 normalize, prepare_test, run_statistics, summarise_runs)
+from gendd.evaluate.data import (TestData, accuracy, balanced_indices, check_inputs, format_result,
+                                 labels_in_test_order, normalize, prepare_test, run_statistics, summarise_runs)
 from gendd.evaluate.fit import fit_student, threads
 from gendd.evaluate.protocols import DSAProtocol, Protocol
 from gendd.evaluate.recipes import DSARecipe, prepare
@@ -38,21 +38,13 @@ def train_student(train_images: torch.Tensor, train_labels: torch.Tensor,
             num_classes = test.num_classes
         test = prepare_test(test, protocol.test_limit)
     test_x, test_y = test
-    if train_images.dim() != 4 or train_images.shape[2] != train_images.shape[3]:
-        raise DataError(f"train images must be (n, C, S, S), got {tuple(train_images.shape)}")
-    n = train_images.shape[0]
-    if n == 0 or train_labels.shape != (n,):
-        raise DataError(f"need a non-empty image set with one label per image, got {n} images "
-                        f"and labels of shape {tuple(train_labels.shape)}")
-    if tuple(test_x.shape[1:]) != tuple(train_images.shape[1:]):
-        raise DataError(f"train images {tuple(train_images.shape[1:])} and test images "
-                        f"{tuple(test_x.shape[1:])} differ in shape")
     x = train_images.detach().float().contiguous()
     y = train_labels.detach().long()
     if num_classes is None:
-        num_classes = int(max(int(y.max()), int(test_y.max()))) + 1
-    if int(y.min()) < 0 or int(y.max()) >= num_classes:
-        raise DataError(f"train labels must lie in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
+        num_classes = int(max(int(y.max()) if y.numel() else 0, int(test_y.max()))) + 1
+    check_inputs(x, y, num_classes)
+    if tuple(test_x.shape[1:]) != tuple(x.shape[1:]):
+        raise DataError(f"train images {tuple(x.shape[1:])} and test images {tuple(test_x.shape[1:])} differ in shape")
     run = fit_student(DSARecipe(protocol, x, y, (test_x, test_y), num_classes), seed, precision=protocol.precision,
                       num_threads=protocol.num_threads, compile=protocol.compile, progress=progress, desc=desc,
                       return_model=return_model)
