@@ -129,3 +129,50 @@ def test_a_dead_rank_loses_only_its_class_in_flight(reference, tmp_path):
     again = {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.is_dir() and p.name.startswith("c")}
     assert {k: again[k] for k in done} == done and len(again) == 5  # committed classes were not redone
     assert _files(folder) == _files(reference / "dit") and _manifest(folder) == _manifest(reference / "dit")
+
+
+def _bench_worker(rank: int, size: int, root: str, store: str) -> None:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    if size > 1:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size,
+                                timeout=datetime.timedelta(seconds=60))
+    import gendd.evaluate as ev
+    from gendd.bench import run_bench
+    from test_bench import tiny_config
+
+    real = ev.evaluate_distilled
+
+    def logged(train, test, protocol, seeds=None, progress=True):
+        with open(Path(root) / f"cells-{rank}.log", "a") as f:
+            f.write(f"{train.name} {list(seeds)}\n")
+        return real(train, test, protocol, seeds=seeds, progress=progress)
+
+    ev.evaluate_distilled = logged
+    world = (Path(root) / "data", Path(root) / "bb")
+    run_bench(tiny_config(world, Path(root), metrics=False), Path(root) / "bench", progress=False)
+
+
+def test_bench_cells_split_across_ranks_are_each_computed_once(tmp_path):
+    import uuid
+
+    from test_bench import make_bench_world
+
+    make_bench_world(tmp_path)
+    ctx = mp.get_context("spawn")
+    store = str(tmp_path / f"pg-{uuid.uuid4().hex}")
+    procs = [ctx.Process(target=_bench_worker, args=(r, 2, str(tmp_path), store)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    cells = [line for r in range(2) for line in (tmp_path / f"cells-{r}.log").read_text().splitlines()]
+    per_rank = [len((tmp_path / f"cells-{r}.log").read_text().splitlines()) for r in range(2)]
+    assert len(cells) == len(set(cells)) == 8 and per_rank == [4, 4]  # 2 methods x 2 IPCs x 2 students
+    rows = json.loads((tmp_path / "bench" / "results.json").read_text())["rows"]
+    assert len(rows) == 4 and all(r["n"] == 2 for r in rows)

@@ -83,6 +83,7 @@ from gendd.config import Validated, check
 from gendd.errors import ConfigError, DataError, GenddError
 from gendd.pipeline import evaluation_done_seeds, run_distill, run_evaluate
 from gendd.artifacts import atomic_write, commit_dir, identity, write_json, write_text
+from gendd.distributed import current_world
 
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -369,6 +370,7 @@ def run_bench(cfg: BenchConfig, out: str | os.PathLike | None = None, *, workers
     ``collect_only``: distil and train nothing; tabulate the finished sets and students (a missing set
     or student shows as an empty cell), e.g. to look at a grid another process is still filling."""
     out = Path(out or cfg.out or Path("runs/bench") / cfg.name)
+    world = current_world()  # under torchrun: sets are distilled class-sharded, cells split across ranks
     workers = workers or cfg.workers
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
@@ -398,9 +400,11 @@ def run_bench(cfg: BenchConfig, out: str | os.PathLike | None = None, *, workers
             t_distill[folder.name] = float(manifest.get("seconds_total", float("nan")))
 
     # 2. real images for the report, and set metrics in the VAE latent space and the teacher's space
-    save_real_images(cfg, out)
-    set_metric = compute_bench_metrics(cfg, out, progress=progress) if cfg.metrics else {}
-    teacher_metric = compute_teacher_metrics(cfg, out, progress=progress) if cfg.metrics_teacher else {}
+    with world.main_first():  # rank 0 computes and caches them, the others read the cache
+        if world.is_main:
+            save_real_images(cfg, out)
+        set_metric = compute_bench_metrics(cfg, out, progress=progress) if cfg.metrics else {}
+        teacher_metric = compute_teacher_metrics(cfg, out, progress=progress) if cfg.metrics_teacher else {}
 
     # 3. evaluation cells
     groups = [(spec, ipc, proto, student) for spec in specs for ipc in cfg.ipc for proto in protos
@@ -425,11 +429,15 @@ def run_bench(cfg: BenchConfig, out: str | os.PathLike | None = None, *, workers
     else:
         _log(progress, f"evaluation: {len(jobs)} of {total} cells to run ({total - len(jobs)} done) "
                        f"in {workers} process(es) x {cfg.threads} thread(s)")
-    _run_jobs(jobs, workers, progress)
+    world.barrier()  # every rank has listed the same missing cells before any is trained
+    _run_jobs(world.shard(jobs), workers, progress)
+    world.barrier()
 
     # 4. results
     rows = collect_rows(cfg, out, groups, t_distill, set_metric, rev, chash, teacher_metric)
-    write_results(cfg, out, rows, set_metric, rev, chash, teacher_metric)
+    if world.is_main:
+        write_results(cfg, out, rows, set_metric, rev, chash, teacher_metric)
+    world.barrier()
     return rows
 
 
