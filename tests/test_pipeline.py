@@ -118,3 +118,11 @@ def test_fashion_mnist_v1_stays_loadable_by_name():
     bb = resolve_backbone("fashion-mnist-v1")
     assert tuple(bb.latent_shape) == (4, 8, 8) and bb.meta.default_cfg_scale == 3.0
     assert "fashion-mnist" in SHIPPED_BACKBONES  # the dataset's default backbone
+
+
+def test_fashion_mnist_v2_loads_by_name():
+    from gendd.pipeline import resolve_backbone
+
+    bb = resolve_backbone("fashion-mnist-v2")
+    assert tuple(bb.latent_shape) == (8, 8, 8) and bb.meta.pad == 2 and not bb.learned_sigma
+    assert bb.content_hash() != resolve_backbone("fashion-mnist-v1").content_hash()
