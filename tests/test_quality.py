@@ -63,10 +63,11 @@ def test_quality_report_parts_and_resume(world, tmp_path, monkeypatch):
     train = get_dataset("imagefolder", "train", root=str(world[0]))
     for name in ("k0", "k1", "k2"):
         assert real_m["classes_done"][name]["indices"] == vae_m["classes_done"][name]["indices"]
-        real = _class_images(ceiling / "random-ipc2", name)
-        assert torch.equal(real, train.load(real_m["classes_done"][name]["indices"]))
-        # the method's operations in the same order on the same images: exact
-        want = to_uint8(bb.decode(bb.encode(to_float(real))))
+        picked = train.load(real_m["classes_done"][name]["indices"])
+        assert torch.equal(_class_images(ceiling / "random-ipc2", name), picked)
+        # the method's operations in the same order on the same tensor (same memory layout: a permuted view
+        # may take another conv kernel and round differently): exact
+        want = to_uint8(bb.decode(bb.encode(to_float(picked))))
         assert torch.equal(_class_images(ceiling / "random-vae-ipc2", name), want)
     (row,) = report["ceiling"]
     assert row["ipc"] == 2 and row["students"] == 1
