@@ -238,16 +238,9 @@ def run_quality(cfg: QualityConfig, out: str | os.PathLike, progress: bool = Tru
     return report
 
 
-def _f(v: Any, digits: int = 2) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float) and math.isnan(v):
-        return "-"
-    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
-
-
 def quality_markdown(report: dict[str, Any]) -> str:
     """The report as markdown tables (one per measured part)."""
+    from gendd.bench import _fmt as _f
     cfg = report["config"]
     lines = [f"# Backbone quality: {report['backbone']['spec']} on {cfg['data']}", "",
              f"Latent {report['backbone']['latent_shape']}, default CFG {report['backbone']['default_cfg_scale']}; "

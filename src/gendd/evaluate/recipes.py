@@ -272,25 +272,26 @@ def _prepare_dsa(protocol, train_ds: ImageDataset, test_ds: ImageDataset) -> Pre
     return Prepared(lambda: DSARecipe(protocol, x, y, test, test_ds.num_classes), y, int(test[0].shape[0]))
 
 
-def _prepare_idc(protocol, train_ds: ImageDataset, test_ds: ImageDataset) -> Prepared:
+def _prepare_u8(protocol, train_ds: ImageDataset, test_ds: ImageDataset, make, **extra) -> Prepared:
+    """The ImageNet-style families: uint8 images at their own size, the protocol's test transform;
+    ``make(x, y, test, num_classes, mean, std)`` builds a student's recipe."""
     x, y = load_distilled(train_ds, test_ds)
     test = prepare_test_u8(test_ds, protocol)
     mean, std = tuple(test_ds.mean), tuple(test_ds.std)
-    return Prepared(lambda: IDCHardRecipe(protocol, x, y, test, test_ds.num_classes, mean, std), y,
-                    int(test[0].shape[0]), {"test_transform": eval_transform(protocol, test_ds.image_size)[2],
-                                            "image_size": int(test[0].shape[-1])})
+    return Prepared(lambda: make(x, y, test, test_ds.num_classes, mean, std), y, int(test[0].shape[0]),
+                    {"test_transform": eval_transform(protocol, test_ds.image_size)[2],
+                     "image_size": int(test[0].shape[-1]), **extra})
+
+
+def _prepare_idc(protocol, train_ds: ImageDataset, test_ds: ImageDataset) -> Prepared:
+    return _prepare_u8(protocol, train_ds, test_ds, lambda *a: IDCHardRecipe(protocol, *a))
 
 
 def _prepare_soft(protocol, train_ds: ImageDataset, test_ds: ImageDataset) -> Prepared:
     teacher = teacher_for(protocol, test_ds)
     class_map = teacher_class_map(teacher, test_ds)
-    x, y = load_distilled(train_ds, test_ds)
-    test = prepare_test_u8(test_ds, protocol)
-    mean, std = tuple(test_ds.mean), tuple(test_ds.std)
-    return Prepared(lambda: SoftLabelRecipe(protocol, x, y, test, test_ds.num_classes, mean, std, teacher,
-                                            class_map),
-                    y, int(test[0].shape[0]), {"test_transform": eval_transform(protocol, test_ds.image_size)[2],
-                                               "image_size": int(test[0].shape[-1]), "teacher": teacher.describe()})
+    return _prepare_u8(protocol, train_ds, test_ds, lambda *a: SoftLabelRecipe(protocol, *a, teacher, class_map),
+                       teacher=teacher.describe())
 
 
 #: protocol ``family`` -> how a distilled set is prepared for it.
