@@ -273,3 +273,21 @@ def test_teacher_features_resize_and_normalise(tmp_path):
     assert teacher_features(t, torch.randint(0, 256, (3, 1, 24, 24), dtype=torch.uint8)).shape == got[:3].shape
     with pytest.raises(ConfigError, match="normalisation"):
         teacher_features(Teacher(net, "convnet3", 1, 3, 16, None, None, None, "x", "x"), x)
+
+
+def test_workers_get_one_precision_decision_from_the_parent(monkeypatch):
+    import gendd.hardware as hw
+    from gendd.bench import _decide_precision
+
+    monkeypatch.setattr(hw, "cpu_bf16_native", lambda: True)
+    monkeypatch.setattr(hw, "_PROBED", {})
+    calls = []
+    monkeypatch.setattr(hw, "_step_seconds", lambda bf16, repeats=3: calls.append(bf16) or (1.0 if bf16 else 2.0))
+    jobs = [{"threads": 1}, {"threads": 1}, {"threads": 2}]
+    _decide_precision(jobs)
+    assert [j["cpu_bf16_faster"] for j in jobs] == [True, True, True]
+    assert len(calls) == 4  # one fp32 and one bf16 timing per thread count, not per job
+    monkeypatch.setattr(hw, "cpu_bf16_native", lambda: False)
+    jobs = [{"threads": 1}]
+    _decide_precision(jobs)
+    assert "cpu_bf16_faster" not in jobs[0]  # no probe where bf16 is not native: auto is fp32 anyway

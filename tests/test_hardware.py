@@ -40,13 +40,23 @@ def test_auto_on_native_bf16_needs_the_timing_to_agree(monkeypatch):
     import gendd.hardware as hw
 
     monkeypatch.setattr(hw, "cpu_bf16_native", lambda: True)
-    hw._cpu_bf16_faster.cache_clear()
+    monkeypatch.setattr(hw, "_PROBED", {})
     monkeypatch.setattr(hw, "_step_seconds", lambda bf16, repeats=3: 1.0 if bf16 else 1.05)  # 1.05x: not enough
     assert resolve_precision("auto") == "fp32"
-    hw._cpu_bf16_faster.cache_clear()
+    monkeypatch.setattr(hw, "_PROBED", {})
     monkeypatch.setattr(hw, "_step_seconds", lambda bf16, repeats=3: 1.0 if bf16 else 2.0)
     assert resolve_precision("auto") == "bf16"
-    hw._cpu_bf16_faster.cache_clear()
+
+
+def test_a_decision_passed_down_is_kept_whatever_the_timing_says(monkeypatch):
+    import gendd.hardware as hw
+
+    monkeypatch.setattr(hw, "cpu_bf16_native", lambda: True)
+    monkeypatch.setattr(hw, "_PROBED", {})
+    monkeypatch.setattr(hw, "_step_seconds", lambda bf16, repeats=3: 1.0 if bf16 else 2.0)
+    threads = torch.get_num_threads()
+    assert hw.cpu_bf16_faster(threads, decided=False) is False
+    assert resolve_precision("auto") == "fp32"  # the parent's answer, not this process's own probe
 
 
 def test_autocast_contexts():

@@ -341,10 +341,12 @@ def _eval_cell_worker(job: dict) -> dict:
     """Process-pool entry: train one student (one evaluation cell) with ``threads`` torch threads."""
     import torch
 
-    from gendd.hardware import tune_allocator
+    from gendd.hardware import cpu_bf16_faster, tune_allocator
 
     tune_allocator()
     torch.set_num_threads(job["threads"])
+    if job.get("cpu_bf16_faster") is not None:
+        cpu_bf16_faster(job["threads"], decided=job["cpu_bf16_faster"])
     t0 = time.time()
     summary = run_evaluate(job["folder"], data=job["data"], data_root=job["data_root"], profile=job["profile"],
                            overrides=job["overrides"], seeds=[job["seed"]], progress=False,
@@ -441,6 +443,28 @@ def run_bench(cfg: BenchConfig, out: str | os.PathLike | None = None, *, workers
     return rows
 
 
+def _decide_precision(jobs: list[dict]) -> None:
+    """Probe bf16 against fp32 once here and hand the answer to every job (``cpu_bf16_faster``): worker
+    processes timing it each on their own could disagree on a loaded machine, and one run would then
+    pool two precisions."""
+    import torch
+
+    from gendd.hardware import cpu_bf16_faster, cpu_bf16_native
+
+    if not cpu_bf16_native():
+        return
+    old = torch.get_num_threads()
+    try:
+        for threads in sorted({job["threads"] for job in jobs}):
+            torch.set_num_threads(threads)
+            decided = cpu_bf16_faster(threads)
+            for job in jobs:
+                if job["threads"] == threads:
+                    job["cpu_bf16_faster"] = decided
+    finally:
+        torch.set_num_threads(old)
+
+
 def _run_jobs(jobs: list[dict], workers: int, progress: bool) -> None:
     """Run evaluation cells inline (``workers == 1``) or in a spawn process pool. On the first failure
     no new cell starts; cells in flight finish (their students are saved), then the error is raised."""
@@ -458,6 +482,8 @@ def _run_jobs(jobs: list[dict], workers: int, progress: bool) -> None:
 
     if not jobs:
         return
+    if workers > 1:
+        _decide_precision(jobs)
     if workers == 1:
         old = torch.get_num_threads()
         try:

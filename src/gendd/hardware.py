@@ -85,9 +85,22 @@ def _step_seconds(bf16: bool, repeats: int = 3) -> float:
     return best
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_bf16_faster(threads: int) -> bool:
-    return _step_seconds(False) / _step_seconds(True) >= MIN_SPEEDUP
+#: The probe's answer per torch thread count, in this process (a cache of a hardware fact).
+_PROBED: dict[int, bool] = {}
+
+
+def cpu_bf16_faster(threads: int, *, decided: bool | None = None) -> bool:
+    """Whether bf16 beat fp32 in this process's timing probe at ``threads`` torch threads (probed once).
+
+    A timing is noisy on a loaded machine, so processes working for one run must not probe each on
+    their own: the parent probes, and passes its answer to each worker as ``decided``, which is
+    then what this process answers from then on."""
+    if decided is not None:
+        _PROBED[threads] = decided
+    if threads not in _PROBED:
+        _PROBED[threads] = _step_seconds(False) / _step_seconds(True) >= MIN_SPEEDUP
+    return _PROBED[threads]
+
 
 
 def resolve_precision(policy: str, device: str | torch.device = "cpu") -> str:
@@ -100,7 +113,7 @@ def resolve_precision(policy: str, device: str | torch.device = "cpu") -> str:
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type != "cpu" or not cpu_bf16_native():
         return "fp32"
-    return "bf16" if _cpu_bf16_faster(torch.get_num_threads()) else "fp32"
+    return "bf16" if cpu_bf16_faster(torch.get_num_threads()) else "fp32"
 
 
 def autocast(precision: str, device: str | torch.device = "cpu"):
