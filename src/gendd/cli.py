@@ -112,6 +112,9 @@ def backbone_sample(
     # the sampler options are checked before the backbone is loaded (its default scale stands in for None)
     SamplerConfig(sampler, steps, 1.0 if cfg_scale is None else cfg_scale)
     bb = resolve_backbone(backbone, vae)
+    if bb.text_conditioned:
+        raise ConfigError("backbone sample draws the labels of a class-conditional backbone; sample a text-to-image "
+                          "backbone for a dataset's classes with `gendd distill dit --data NAME --backbone PATH`")
     g = torch.Generator().manual_seed(seed)
     n = min(classes, bb.num_classes)
     labels = torch.arange(n).repeat_interleave(per_class)
@@ -131,10 +134,11 @@ def backbone_info(backbone: str = typer.Argument("fashion-mnist", help="Shipped 
     from gendd.pipeline import resolve_backbone
 
     bb = resolve_backbone(backbone)
-    info = {"latent_shape": bb.latent_shape, "num_classes": bb.num_classes, "learned_sigma": bb.learned_sigma,
+    info = {"kind": "text-to-image" if bb.text_conditioned else "class-conditional",
+            "latent_shape": bb.latent_shape, "num_classes": bb.num_classes, "learned_sigma": bb.learned_sigma,
             "scaling_factor": bb.scaling_factor, "hash": bb.content_hash(), "meta": asdict(bb.meta),
-            "parameters": {"vae": sum(p.numel() for p in bb.vae.parameters()),
-                           "transformer": sum(p.numel() for p in bb.transformer.parameters())}}
+            "parameters": {name: sum(p.numel() for p in module.parameters())
+                           for name, module in bb.components()}}
     typer.echo(json.dumps(info, indent=2))
 
 

@@ -222,6 +222,8 @@ def _base_manifest(method: Method, identity: dict, mpath: Path, dataset: ImageDa
     resolve = getattr(method.config, "resolved", None)
     if resolve is not None and backbone is not None:  # what "auto"/None options became for this backbone
         manifest["resolved"] = resolve(backbone)
+    if getattr(backbone, "text_conditioned", False):  # how images entered the RGB VAE and left it
+        manifest["geometry"] = backbone.geometry()
     return manifest
 
 

@@ -34,10 +34,12 @@ def backbone_folder(spec: str | os.PathLike) -> Path:
 
 
 def resolve_backbone(spec: str | os.PathLike, vae: str | os.PathLike | None = None):
-    """A shipped backbone name (``fashion-mnist``), a local diffusers DiT folder, or a hub id in the
-    local Hugging Face cache (``facebook/DiT-XL-2-256``, with ``vae="stabilityai/sd-vae-ft-ema"``), on this rank's
-    device (:func:`gendd.distributed.default_device`)."""
+    """A shipped backbone name (``fashion-mnist``), a local diffusers DiT or Stable Diffusion folder, or a hub
+    id in the local Hugging Face cache (``facebook/DiT-XL-2-256``, with ``vae="stabilityai/sd-vae-ft-ema"``;
+    ``stable-diffusion-v1-5/stable-diffusion-v1-5``), on this rank's device
+    (:func:`gendd.distributed.default_device`). Nothing is downloaded."""
     from gendd.backbone import Backbone
+    from gendd.backbone.text import TextBackbone, is_text_backbone_folder
 
     if str(spec) in SHIPPED_BACKBONES:
         path = shipped_backbone_path(str(spec))
@@ -45,7 +47,29 @@ def resolve_backbone(spec: str | os.PathLike, vae: str | os.PathLike | None = No
             raise ConfigError(f"the shipped backbone {spec!r} is missing from {path}; reinstall gendd or "
                               "train one with `gendd backbone train`")
         return Backbone.from_pretrained(path, vae=vae).to(default_device())
-    return Backbone.from_pretrained(spec, vae=vae).to(default_device())
+    folder, vae = _local_folder(spec), None if vae is None else _local_folder(vae)
+    if is_text_backbone_folder(folder):
+        return TextBackbone.from_pretrained(folder, vae=vae).to(default_device())
+    return Backbone.from_pretrained(folder, vae=vae).to(default_device())
+
+
+def _local_folder(spec: str | os.PathLike) -> Path:
+    """``spec`` as a folder: itself, or a hub id's snapshot in the local cache."""
+    folder = Path(spec)
+    if not folder.exists() and str(spec).count("/") == 1:
+        return cached_hub_folder(str(spec))
+    return folder
+
+
+def cached_hub_folder(repo_id: str) -> Path:
+    """The local snapshot of hub model ``repo_id`` (``local_files_only``: gendd downloads nothing)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as err:  # noqa: BLE001 - huggingface_hub raises several kinds here
+        raise ConfigError(f"backbone {repo_id!r} is neither a folder nor in the local Hugging Face cache "
+                          f"({type(err).__name__}); download it yourself or pass its folder") from None
 
 
 def default_backbone_for(data: str) -> str | None:
@@ -85,7 +109,7 @@ def run_distill(method_name: str, data: str, ipc: int, out: str | os.PathLike, *
     if wants_backbone and spec is None:
         raise ConfigError(f"method {method_name!r} needs --backbone for dataset {data!r}")
     ds = get_dataset(data, "train", root=data_root)
-    bb = resolve_backbone(spec, vae) if wants_backbone else None
+    bb = method.condition(ds, resolve_backbone(spec, vae)) if wants_backbone else None
     cache = None
     if method.needs_cache:
         from gendd.cache import LatentCache

@@ -1,4 +1,4 @@
-"""Latent diffusion backbone: VAE + class-conditional DiT + noise schedule, in diffusers' classes.
+"""Latent diffusion backbones: what they share (:class:`LatentBackbone`) and the class-conditional DiT.
 
 The same :class:`Backbone` serves ``facebook/DiT-XL-2-256`` (+ ``stabilityai/sd-vae-ft-ema``/``-mse``)
 and the small backbones gendd trains itself. On disk it is a diffusers ``DiTPipeline`` folder::
@@ -59,29 +59,37 @@ def _diffusers():
     return diffusers
 
 
-class Backbone(torch.nn.Module):
-    """VAE + DiT + training noise schedule.
+class LatentBackbone(torch.nn.Module):
+    """What every latent diffusion backbone shares: a VAE, the training noise schedule, the latent
+    geometry, and classifier-free guidance over a denoiser's noise prediction.
 
     Notation (DDPM, Ho et al. 2020): ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` with
     ``abar_t = prod_{s<=t} (1 - beta_s)``. Latents are ``z = scaling_factor * VAE.encode(x)``.
+    A subclass provides the denoiser (:attr:`denoiser`, :meth:`model_output`), the label that selects
+    the unconditional prediction (:attr:`null_label`) and the image geometry around the VAE
+    (:meth:`to_vae_images`, :meth:`from_vae_images`).
     """
 
-    def __init__(self, vae, transformer, scheduler_config: dict[str, Any],
-                 meta: BackboneMeta | None = None) -> None:
+    #: True for backbones conditioned on text prompts (:class:`gendd.backbone.text.TextBackbone`).
+    text_conditioned: bool = False
+
+    def __init__(self, vae, scheduler_config: dict[str, Any], meta: BackboneMeta) -> None:
         super().__init__()
         self.vae = vae
-        self.transformer = transformer
+        self.meta = meta
         # normalised to the full DDPMScheduler config, so a saved-and-loaded backbone hashes the same
         self.scheduler_config = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
         self.scheduler_config = {k: v for k, v in self.make_scheduler("ddpm").config.items()
                                  if not k.startswith("_")}
-        self.meta = meta or BackboneMeta(
-            image_size=int(transformer.config.sample_size) * self.vae_downsample_factor,
-            channels=int(vae.config.in_channels))
         #: fine-tuning defaults carried by the folder (:data:`FINETUNE_DEFAULTS`); not part of the hash
         self.finetune_defaults: dict[str, Any] = {}
         sched = self.make_scheduler("ddpm")
         self.register_buffer("alphas_cumprod", sched.alphas_cumprod.to(torch.float64), persistent=False)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:  # pragma: no cover - abstract
+        """The noise-predicting network (its parameters set :attr:`device` and :attr:`dtype`)."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -89,27 +97,18 @@ class Backbone(torch.nn.Module):
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
-    def num_classes(self) -> int:
-        """Conditioning classes; the null (unconditional) label is ``num_classes``."""
-        return int(self.transformer.config.num_embeds_ada_norm)
-
-    @property
-    def null_label(self) -> int:
-        return self.num_classes
-
-    @property
     def latent_channels(self) -> int:
-        return int(self.transformer.config.in_channels)
+        return int(self.denoiser.config.in_channels)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        s = int(self.transformer.config.sample_size)
+        s = self.meta.image_size // self.vae_downsample_factor
         return (self.latent_channels, s, s)
 
     @property
     def learned_sigma(self) -> bool:
-        """True when the DiT also outputs the variance interpolation ``v`` (DiT-XL/2: 8 channels)."""
-        return int(self.transformer.config.out_channels) == 2 * self.latent_channels
+        """True when the denoiser also outputs the variance interpolation ``v`` (DiT-XL/2: 8 channels)."""
+        return int(self.denoiser.config.out_channels) == 2 * self.latent_channels
 
     @property
     def scaling_factor(self) -> float:
@@ -121,11 +120,11 @@ class Backbone(torch.nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
+        return next(self.denoiser.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
+        return next(self.denoiser.parameters()).dtype
 
     def make_scheduler(self, kind: str):
         """A fresh diffusers scheduler (``ddpm``, ``ddim`` or ``ddim-inverse``) from the stored config."""
@@ -137,48 +136,47 @@ class Backbone(torch.nn.Module):
         return cls.from_config(self.scheduler_config)
 
     # ------------------------------------------------------------------ VAE
-    def pad_images(self, x: torch.Tensor) -> torch.Tensor:
-        """Dataset images [-1, 1] -> VAE input geometry (constant padding of ``meta.pad``)."""
-        p = self.meta.pad
-        if p:
-            x = torch.nn.functional.pad(x, (p, p, p, p), value=self.meta.pad_value)
+    def to_vae_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Dataset images in [-1, 1] -> the VAE's input geometry."""
         return x
 
-    def crop_images(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`pad_images`."""
-        p = self.meta.pad
-        return x[..., p:x.shape[-2] - p, p:x.shape[-1] - p] if p else x
+    def from_vae_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_vae_images` (the VAE's output -> dataset geometry)."""
+        return x
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None,
                sample: bool = False) -> torch.Tensor:
         """``z = scaling_factor * E(x)``; the posterior mean, or a sample when ``sample=True``.
 
-        ``x`` is in [-1, 1] at dataset geometry (padding is applied here).
+        ``x`` is in [-1, 1] at dataset geometry (:meth:`to_vae_images` is applied here).
         """
-        x = self.pad_images(x.to(self.device, self.vae.dtype))
+        x = self.to_vae_images(x.to(self.device, self.vae.dtype))
         dist = self.vae.encode(x).latent_dist
         z = dist.sample(generator=generator) if sample else dist.mean
         return (z * self.scaling_factor).float()
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """``x = D(z / scaling_factor)`` in [-1, 1] (not clamped), cropped to dataset geometry."""
+        """``x = D(z / scaling_factor)`` in [-1, 1] (not clamped), at dataset geometry."""
         x = self.vae.decode(z.to(self.device, self.vae.dtype) / self.scaling_factor).sample
-        return self.crop_images(x.float())
+        return self.from_vae_images(x.float())
 
     # ------------------------------------------------------------------ denoiser
-    def model_output(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Raw DiT output ``(B, out_channels, h, w)`` at timesteps ``t`` (B,) and labels ``y`` (B,)."""
-        t = t.to(self.device).reshape(-1).expand(z.shape[0]) if t.numel() == 1 else t.to(self.device)
-        return self.transformer(z.to(self.device, self.dtype), timestep=t,
-                                class_labels=y.to(self.device)).sample.float()
+    @property
+    def null_label(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def model_output(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """Raw denoiser output ``(B, out_channels, h, w)`` at timesteps ``t`` (B,) and labels ``y`` (B,),
+        whose first ``latent_channels`` channels are the noise prediction."""
+        raise NotImplementedError
 
     def predict(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float = 1.0,
                 cfg_channels: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Noise prediction with classifier-free guidance (Ho & Salimans 2022).
 
-        ``eps = eps_u + s (eps_c - eps_u)`` with ``eps_u`` the prediction for the null label.
+        ``eps = eps_u + s (eps_c - eps_u)`` with ``eps_u`` the prediction for :attr:`null_label`.
         ``cfg_channels=3`` reproduces DiT's ``forward_with_cfg`` quirk (guidance on the first three
         latent channels only, conditional prediction elsewhere). ``s = 1`` skips the unconditional
         pass, so it equals the conditional prediction exactly.
@@ -202,6 +200,92 @@ class Backbone(torch.nn.Module):
             eps = torch.cat([guided, eps_c[:, k:]], dim=1)
         v = out[:, c:2 * c] if self.learned_sigma else None
         return eps, v
+
+    def condition_key(self, model_label: int) -> Any:
+        """What conditions class ``model_label`` beyond its label (a text backbone's prompts), for keys of
+        stored per-class results; None for a class-conditional backbone."""
+        return None
+
+    def for_dataset(self, dataset, *, prompt: str | None = None, negative_prompt: str | None = None):
+        """The backbone to distil ``dataset`` with. A class-conditional backbone is itself (prompts do not
+        apply to it); a text backbone encodes one prompt per class (:mod:`gendd.backbone.text`)."""
+        if prompt is not None or negative_prompt is not None:
+            raise ConfigError("prompt and negative_prompt apply to text-to-image backbones; this backbone is "
+                              "class-conditional (leave them unset)")
+        return self
+
+    # ------------------------------------------------------------------ identity
+    def components(self) -> list[tuple[str, torch.nn.Module]]:
+        """The named networks that make the backbone (hashed by :meth:`content_hash`)."""
+        return [("vae", self.vae)]
+
+    def _hashed_extra(self) -> list[Any]:
+        return []
+
+    def content_hash(self) -> str:
+        """sha256 (16 hex) of every weight and config; identifies the backbone in caches/manifests."""
+        h = hashlib.sha256()
+        for name, module in self.components():
+            config = module.config if isinstance(module.config, dict) else module.config.to_dict()
+            config = {k: v for k, v in config.items() if not k.startswith("_")}
+            h.update(json.dumps(config, sort_keys=True, default=str).encode())
+            for k, v in sorted(module.state_dict().items()):
+                h.update(k.encode())
+                h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(json.dumps(self.scheduler_config, sort_keys=True, default=str).encode())
+        h.update(json.dumps(asdict(self.meta), sort_keys=True).encode())
+        for extra in self._hashed_extra():
+            h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+        return h.hexdigest()[:16]
+
+
+class Backbone(LatentBackbone):
+    """VAE + class-conditional DiT + training noise schedule (see :class:`LatentBackbone`)."""
+
+    def __init__(self, vae, transformer, scheduler_config: dict[str, Any],
+                 meta: BackboneMeta | None = None) -> None:
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        meta = meta or BackboneMeta(image_size=int(transformer.config.sample_size) * factor,
+                                    channels=int(vae.config.in_channels))
+        super().__init__(vae, scheduler_config, meta)
+        self.transformer = transformer
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.transformer
+
+    @property
+    def num_classes(self) -> int:
+        """Conditioning classes; the null (unconditional) label is ``num_classes``."""
+        return int(self.transformer.config.num_embeds_ada_norm)
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        s = int(self.transformer.config.sample_size)
+        return (self.latent_channels, s, s)
+
+    def to_vae_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Constant padding of ``meta.pad`` pixels on every side."""
+        p = self.meta.pad
+        if p:
+            x = torch.nn.functional.pad(x, (p, p, p, p), value=self.meta.pad_value)
+        return x
+
+    def from_vae_images(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.meta.pad
+        return x[..., p:x.shape[-2] - p, p:x.shape[-1] - p] if p else x
+
+    def model_output(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        t = t.to(self.device).reshape(-1).expand(z.shape[0]) if t.numel() == 1 else t.to(self.device)
+        return self.transformer(z.to(self.device, self.dtype), timestep=t,
+                                class_labels=y.to(self.device)).sample.float()
+
+    def components(self) -> list[tuple[str, torch.nn.Module]]:
+        return [("vae", self.vae), ("transformer", self.transformer)]
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -264,19 +348,6 @@ class Backbone(torch.nn.Module):
         bb.finetune_defaults = read_finetune_defaults(root)
         bb.source_path = str(path)
         return bb
-
-    def content_hash(self) -> str:
-        """sha256 (16 hex) of every weight and config; identifies the backbone in caches/manifests."""
-        h = hashlib.sha256()
-        for name, module in (("vae", self.vae), ("transformer", self.transformer)):
-            config = {k: v for k, v in module.config.items() if not k.startswith("_")}
-            h.update(json.dumps(config, sort_keys=True, default=str).encode())
-            for k, v in sorted(module.state_dict().items()):
-                h.update(k.encode())
-                h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        h.update(json.dumps(self.scheduler_config, sort_keys=True, default=str).encode())
-        h.update(json.dumps(asdict(self.meta), sort_keys=True).encode())
-        return h.hexdigest()[:16]
 
 
 def read_finetune_defaults(path: str | os.PathLike) -> dict[str, Any]:

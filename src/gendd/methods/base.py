@@ -29,6 +29,10 @@ class MethodConfig(Validated):
 
     seed: int = field(default=0, metadata=check(Integral))
 
+    def conditioning(self, backbone) -> dict:
+        """Prompt options for a text-to-image backbone (sampling methods have them; others take its defaults)."""
+        return {}
+
 
 @dataclass
 class ClassContext:
@@ -99,6 +103,11 @@ class Method:
         from gendd.cache import EncodeSpec
 
         return EncodeSpec()
+
+    def condition(self, dataset: ImageDataset, backbone: Any) -> Any:
+        """The backbone bound to ``dataset`` (a text backbone encodes one prompt per class from the config's
+        prompt options; a class-conditional backbone is returned as is)."""
+        return backbone.for_dataset(dataset, **self.config.conditioning(backbone))
 
     def prepare(self, dataset: ImageDataset, backbone: Any, *, cache_dir: Any = None, work_dir: Any = None,
                 progress: bool = True) -> Any:

@@ -182,10 +182,13 @@ class D3HR(Method):
             bb_hash = self._hashes.get(id(ctx.backbone))
             if bb_hash is None:
                 bb_hash = self._hashes[id(ctx.backbone)] = ctx.backbone.content_hash()
-            ident = json.dumps({"backbone": bb_hash, "inversion_steps": cfg.inversion_steps,
-                                "sampler": dataclasses.asdict(inv), "label": ctx.model_label,
-                                "latents": hashlib.sha256(z0.contiguous().numpy().tobytes()).hexdigest()},
-                               sort_keys=True, default=str)
+            fields = {"backbone": bb_hash, "inversion_steps": cfg.inversion_steps,
+                      "sampler": dataclasses.asdict(inv), "label": ctx.model_label,
+                      "latents": hashlib.sha256(z0.contiguous().numpy().tobytes()).hexdigest()}
+            condition = ctx.backbone.condition_key(ctx.model_label)
+            if condition is not None:  # a text backbone inverts under the class's prompt
+                fields["condition"] = condition
+            ident = json.dumps(fields, sort_keys=True, default=str)
             key = hashlib.sha256(ident.encode()).hexdigest()[:16]
             path = Path(ctx.cache.root) / f"d3hr-{key}.safetensors"
             if path.exists():

@@ -13,10 +13,12 @@ Disentangled Diffusion Model", CVPR 2024; suduo94/D4M).
    ``strength = 0`` returns the prototypes themselves; ``strength = 1`` samples from pure noise
    (identical to ``dit``; diffusers would keep ``sqrt(abar_0) p``, about 0.006 p, in the start).
 
-Differences from the reference, by necessity: D4M uses Stable Diffusion v1.5 with text prompts
-(the class's ImageNet names, negative prompt "cartoon, anime, painting", guidance 8) and SD's
-deterministic PNDM scheduler; gendd conditions the DiT backbone on the class label with the
-backbone's CFG scale (4.0 for DiT-XL/2) and samples with DDIM (eta 0, deterministic) by default.
+On a Stable Diffusion backbone (:mod:`gendd.backbone.text`) this is D4M as published: prototypes in
+the SD VAE's latent space, img2img with the class's ImageNet names as prompt (``"{names}"``: "tench,
+Tinca tinca"), negative prompt "cartoon, anime, painting" and the backbone's CFG 8. One difference
+remains: D4M samples with SD's PNDM scheduler as shipped, gendd with DDIM (eta 0, deterministic, the
+same timesteps). On a class-conditional DiT gendd conditions on the class label with the backbone's CFG
+scale (4.0 for DiT-XL/2) instead of a prompt.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class D4MConfig(DiTConfig):
 
     config_what: ClassVar[str] = "d4m"
     reference_cfg_channels: ClassVar[int | None] = None  # reference: Stable Diffusion, no channel quirk
+    reference_prompt: ClassVar[str] = "{names}"
+    reference_negative_prompt: ClassVar[str | None] = "cartoon, anime, painting"
 
     sampler: Literal["ddpm", "ddim"] = field(default="ddim", metadata=check(choices=SAMPLERS))
     strength: float = field(default=0.7, metadata=check(Real, ge=0, le=1))

@@ -8,6 +8,11 @@ channels: DiT-XL/2 and its family), whose ``forward_with_cfg`` guides only the f
 3 for dit, mgd3, minimax and memory (``reference_cfg_channels``), all channels for d3hr (and d4m, whose reference
 is Stable Diffusion). Any other backbone (gendd's own) guides all channels. The resolved value is recorded in
 the manifest (``resolved``).
+
+On a text-to-image backbone (:mod:`gendd.backbone.text`) the label of a class stands for its prompt:
+``prompt`` is the template (None = the method's reference, ``"{name}"``: the bare class name) and
+``negative_prompt`` the text of CFG's unconditional branch (None = the reference's: none, the empty prompt;
+``""`` = none). Both must stay unset on a class-conditional backbone.
 """
 
 from __future__ import annotations
@@ -31,6 +36,12 @@ def _check_cfg_channels(value) -> None:
         raise ConfigError("must be >= 1")
 
 
+def _check_template(value) -> None:
+    from gendd.backbone.text import check_prompt_template
+
+    check_prompt_template(value)
+
+
 def is_dit_release(backbone) -> bool:
     """The original DiT family (learned sigma, 4 latent channels), whose CFG guides three channels."""
     return bool(backbone.learned_sigma) and backbone.latent_shape[0] == 4
@@ -40,11 +51,14 @@ def is_dit_release(backbone) -> bool:
 class DiTConfig(MethodConfig):
     """Attributes: sampler (ddpm|ddim), num_steps, cfg_scale (None = backbone default),
     cfg_channels (guide the first k latent channels; None = all; "auto" = the method's reference on a DiT
-    release, module docstring), batch_size."""
+    release, module docstring), batch_size; on a text-to-image backbone: prompt (template), negative_prompt."""
 
     config_what: ClassVar[str] = "dit"
     #: channels the method's reference guides on a DiT release (``forward_with_cfg``'s three).
     reference_cfg_channels: ClassVar[int | None] = 3
+    #: the prompt template and negative prompt of the method's text-to-image reference.
+    reference_prompt: ClassVar[str] = "{name}"
+    reference_negative_prompt: ClassVar[str | None] = None
 
     sampler: Literal["ddpm", "ddim"] = field(default="ddpm", metadata=check(choices=SAMPLERS))
     num_steps: int = field(default=50, metadata=check(Integral, ge=1))
@@ -52,6 +66,16 @@ class DiTConfig(MethodConfig):
     cfg_channels: int | str | None = field(default="auto", metadata=check(Integral, str, optional=True,
                                                                           test=_check_cfg_channels))
     batch_size: int = field(default=256, metadata=check(Integral, ge=1))
+    prompt: str | None = field(default=None, metadata=check(str, optional=True, test=_check_template))
+    negative_prompt: str | None = field(default=None, metadata=check(str, optional=True))
+
+    def conditioning(self, backbone) -> dict:
+        """The prompt options :meth:`gendd.backbone.backbone.LatentBackbone.for_dataset` gets."""
+        if not backbone.text_conditioned:
+            return {"prompt": self.prompt, "negative_prompt": self.negative_prompt}  # refused unless unset
+        negative = self.reference_negative_prompt if self.negative_prompt is None else self.negative_prompt
+        return {"prompt": self.reference_prompt if self.prompt is None else self.prompt,
+                "negative_prompt": negative or None}
 
     def resolved_cfg_channels(self, backbone) -> int | None:
         if self.cfg_channels != "auto":
@@ -66,7 +90,10 @@ class DiTConfig(MethodConfig):
     def resolved(self, backbone) -> dict:
         """The values of the automatic options for ``backbone`` (recorded in the manifest)."""
         cfg = self.sampler_config(backbone)
-        return {"cfg_scale": cfg.cfg_scale, "cfg_channels": cfg.cfg_channels}
+        out = {"cfg_scale": cfg.cfg_scale, "cfg_channels": cfg.cfg_channels}
+        if backbone.text_conditioned:
+            out.update(self.conditioning(backbone), prompts=list(backbone.prompts))
+        return out
 
 
 def initial_noise(ctx: ClassContext) -> torch.Tensor:

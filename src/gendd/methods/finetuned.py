@@ -122,6 +122,9 @@ class _FromFinetuned:
                 ``~/.cache/gendd/finetuned``); the run goes to ``<work_dir>/<key>``.
         """
         cfg = self.config
+        if backbone.text_conditioned:
+            raise ConfigError(f"{self.name} fine-tunes a class-conditional DiT; a text-to-image backbone cannot be "
+                              "fine-tuned by gendd (use dit, mgd3, d4m or d3hr with it)")
         if cfg.finetuned_backbone is not None:
             result = load_finetuned(cfg.finetuned_backbone)
         else:
