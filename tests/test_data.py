@@ -36,6 +36,12 @@ def test_imagenet1k_list_is_1000_sorted_unique_wnids():
     assert wnids[0] == "n01440764" and wnids[207] == "n02099601" and wnids[999] == "n15075141"
 
 
+def test_imagenet1k_names_follow_the_wnid_list():
+    rows = [line.split("\t") for line in (SUBSETS_DIR / "imagenet1k_names.txt").read_text().splitlines()]
+    assert [r[0] for r in rows] == _lines("imagenet1k.txt") and all(len(r) == 2 and r[1].strip() for r in rows)
+    assert rows[0][1] == "tench, Tinca tinca" and rows[207][1] == "golden retriever"
+
+
 @pytest.mark.parametrize("name,count,is_sorted", [
     ("imagenette", 10, True), ("imagewoof", 10, True), ("imageidc", 10, True),
     ("imagenet-100", 100, False),

@@ -238,3 +238,36 @@ def test_fine_tuning_methods_and_prompts_are_refused_where_they_do_not_apply(sd_
     r = _distill("dit", tmp_path / "t", wnid_folder, sd_folder, "prompt={nme}")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "prompt template" in r.stderr
     assert not (tmp_path / "t").exists()
+
+
+def test_d3hr_statistics_are_keyed_by_the_prompt(tiny_t2i, tmp_path):
+    from gendd.cache import LatentCache
+    from gendd.methods import ClassContext, build_method
+
+    ds = make_dataset(num_classes=2, per_class=4, size=12)
+    method = build_method("d3hr", num_steps=4, inversion_steps=2, num_candidates=4)
+    cache = LatentCache.build(ds, tiny_t2i, tmp_path / "cache", method.encode_spec(), progress=False)
+    stats = {}
+    for template in ("{name}", "a photo of {name}"):
+        bb = build_method("d3hr", prompt=template).condition(ds, tiny_t2i)
+        ctx = ClassContext.create(ds, 0, 1, 0, backbone=bb, cache=cache)
+        stats[template] = method.class_statistics(ctx, ctx.class_latents())
+    assert len(list(Path(cache.root).glob("d3hr-*.safetensors"))) == 2  # one inversion per prompt, not a stale reuse
+    assert not torch.equal(stats["{name}"][0], stats["a photo of {name}"][0])
+
+
+def test_a_hub_id_is_read_from_the_local_cache_only(sd_folder, tmp_path):
+    import os
+
+    snapshot = tmp_path / "hub" / "models--someone--tiny-sd" / "snapshots" / "0123abcd"
+    shutil.copytree(sd_folder, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    run = lambda repo: subprocess.run([sys.executable, "-m", "gendd", "backbone", "info", repo],  # noqa: E731
+                                      capture_output=True, text=True, env=env)
+    r = run("someone/tiny-sd")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["kind"] == "text-to-image"
+    r = run("someone/not-cached")
+    assert r.returncode == 2 and r.stderr.startswith("error: backbone 'someone/not-cached' is neither a folder")

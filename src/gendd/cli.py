@@ -220,7 +220,7 @@ def distill_cmd(
     data: str = typer.Option("fashion-mnist", help="Dataset name (see `gendd datasets`)."),
     data_root: Optional[Path] = typer.Option(None, help="Dataset root (ImageFolder datasets)."),
     ipc: int = typer.Option(10, help="Images per class."),
-    backbone: Optional[str] = typer.Option(None, help="Shipped name, diffusers folder or hub id (default: the dataset's)."),
+    backbone: Optional[str] = typer.Option(None, help="Shipped name, a diffusers DiT or Stable Diffusion folder, or a hub id in the local cache (default: the dataset's)."),
     vae: Optional[str] = typer.Option(None, help="Separate AutoencoderKL folder/hub id."),
     seed: int = typer.Option(0, help="Seed (one generator per class)."),
     option: list[str] = typer.Option([], "--set", help="Method option key=value (repeatable)."),
