@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TINY_DIT_N, assert_close_f32
 from gendd.methods import available_methods
 
 FT = {"steps": 1, "batch_size": 4}
@@ -176,3 +177,83 @@ def test_bench_cells_split_across_ranks_are_each_computed_once(tmp_path):
     assert len(cells) == len(set(cells)) == 8 and per_rank == [4, 4]  # 2 methods x 2 IPCs x 2 students
     rows = json.loads((tmp_path / "bench" / "results.json").read_text())["rows"]
     assert len(rows) == 4 and all(r["n"] == 2 for r in rows)
+
+
+def _finetune_worker(rank: int, size: int, root: str, store: str, eviction: str) -> None:
+    import datetime
+
+    import torch
+
+    torch.set_num_threads(1)
+    if size > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size,
+                                timeout=datetime.timedelta(seconds=60))
+    from gendd.backbone import tiny_backbone
+    from gendd.backbone.finetune import FinetuneConfig, finetune
+
+    bb = tiny_backbone(num_classes=3, image_size=16, channels=1, pad=2, vae_channels=(32, 32))
+    g = torch.Generator().manual_seed(0)
+    latents = {c: torch.randn((6, *bb.latent_shape), generator=g) for c in range(3)}
+    cfg = FinetuneConfig(steps=4, batch_size=4, memory_size=3, eviction=eviction, ema_decay=0.5,
+                         checkpoint_every=2)
+    losses = []
+    finetune(bb, latents, Path(root) / "ft", cfg, progress=False, on_step=losses.append)
+    if rank == 0:
+        (Path(root) / "losses.json").write_text(json.dumps(losses))
+
+
+def _finetune(size: int, root: Path, eviction: str) -> list[int]:
+    import uuid
+
+    ctx = mp.get_context("spawn")
+    store = str(root / f"pg-{uuid.uuid4().hex}")
+    procs = [ctx.Process(target=_finetune_worker, args=(r, size, str(root), store, eviction)) for r in range(size)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    return [p.exitcode for p in procs]
+
+
+@pytest.mark.parametrize("eviction", ["fifo", "max-similarity"])
+def test_ddp_finetuning_equals_one_process_on_the_same_global_batch(tmp_path, eviction):
+    import torch
+    from safetensors.torch import load_file
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    assert _finetune(1, one, eviction) == [0]
+    assert _finetune(2, two, eviction) == [0, 0]
+    w1 = load_file(str(next((one / "ft" / "transformer").glob("*.safetensors"))))
+    w2 = load_file(str(next((two / "ft" / "transformer").glob("*.safetensors"))))
+    assert w1.keys() == w2.keys()
+    diff = {k: float((w1[k] - w2[k]).abs().max()) for k in w1}
+    # Two ranks run the forward on halves of each batch and sum the gradients across ranks: float32 rounding of
+    # each gradient (relative ~1e-6). AdamW's step is lr * m / (sqrt(v) + eps), so that moves a weight by a
+    # rounding-level fraction of lr = 1e-3 per step (4 steps): below 1e-6. The exception is a gradient that is 0 in
+    # exact arithmetic, whose rounding noise AdamW normalises to a full step of either sign (up to 2 lr per step):
+    # the attention key biases (a bias added to every key shifts each query's logits by one constant, which the
+    # softmax ignores).
+    key_bias = {k for k in w1 if k.endswith("attn1.to_k.bias")}
+    assert max(v for k, v in diff.items() if k not in key_bias) < 1e-6, diff
+    assert max(diff[k] for k in key_bias) <= 2 * 1e-3 * 4
+    l1 = json.loads((one / "losses.json").read_text())
+    l2 = json.loads((two / "losses.json").read_text())
+    assert [r["step"] for r in l1] == [r["step"] for r in l2] == [1, 2, 3, 4]
+    for a, b in zip(l1, l2):  # the logged losses are global means on both
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["diffusion"] == pytest.approx(b["diffusion"], rel=1e-5)
+    c1 = torch.load(one / "ft" / "checkpoints" / "chunk_000.pt", weights_only=False)
+    c2 = torch.load(two / "ft" / "checkpoints" / "chunk_000.pt", weights_only=False)
+    for kind in ("real", "gen"):  # the memories hold the same global batches, in the same order
+        for c in range(3):
+            m1, m2 = c1["extra"][kind][c], c2["extra"][kind][c]
+            if isinstance(m1, dict):
+                m1, m2 = m1.get("items"), m2.get("items")
+            assert (m1 is None) == (m2 is None)
+            if m1 is not None and kind == "real":
+                assert torch.equal(m2, m1)  # real latents, copied
+            elif m1 is not None:  # x0_hat: a DiT forward's rounding (on other batch shapes)
+                assert_close_f32(m2, m1, n=TINY_DIT_N)
+    assert not (two / "ft" / "checkpoints" / "chunk_000.pt.tmp").exists()

@@ -27,6 +27,18 @@ Batches: epochs of a seeded permutation of the chunk's latents, ``batch_size`` p
 batch dropped (DistributedSampler + ``drop_last`` in the reference); the permutation of epoch ``e`` is a
 function of (seed, chunk, e) only, so a resumed run sees the same batches.
 
+Under ``torchrun`` (:func:`gendd.distributed.current_world` of N > 1 ranks) a chunk trains with
+DistributedDataParallel, as the reference ``train_dit.py``: every rank draws the same global batch (indices,
+label dropout, ``t``, noise: the same generator) and runs the forward pass on its slice of ``batch_size / N``
+items; DDP averages the gradients of the local diffusion losses (the global mean, as slices are equal). The
+memory terms take a min / max over the whole class batch, so they are computed on the *gathered* ``x0_hat`` of
+the global batch, identically on every rank; :class:`_GatherSlices` gives each rank the gradient of its own slice
+times N, which DDP's average turns into the single-process gradient. The memories receive the global batch on
+every rank, so they stay identical across ranks without further communication (they are sharded neither by
+class nor by rank). Rank 0 writes the checkpoints, logs and the final folder; every rank resumes from the same
+checkpoint. The result equals one process's on the same global batch up to float32 rounding (the forward runs on
+smaller batches, the gradients are summed across ranks).
+
 Parameter-efficient fine-tuning (DiffFit, Xie et al. 2023; Minimax models.py ``mark_difffit_trainable``):
 only biases, normalisation parameters, the class embedding and added scale factors train. The reference
 DiT multiplies, in the first half of the blocks, the q/k/v projections by ``gamma_qkv``, the attention
@@ -73,6 +85,7 @@ from gendd.blocks.memory import EVICTION_POLICIES, ClassMemory, diversity_loss, 
 from gendd.config import Validated, build_config, check
 from gendd.errors import ConfigError, DataError
 from gendd.artifacts import write_json
+from gendd.distributed import current_world
 
 FINETUNE_RECORD = "finetune.json"
 _LOG_EVERY = 50
@@ -306,6 +319,38 @@ def accumulate_memory_terms(terms: Sequence[torch.Tensor | None], mode: str) -> 
     return total
 
 
+# --------------------------------------------------------------------------------------------- DDP
+class _GatherSlices(torch.autograd.Function):
+    """``all_gather`` of every rank's equal-sized slice (rank order). Backward: this rank's slice of the
+    gradient times the world size — every rank computes the same function of the gathered tensor, so the
+    sum over ranks of their (equal) gradients, which DDP then averages, is that slice's full gradient."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(local) for _ in range(size)]
+        dist.all_gather(parts, local.contiguous())
+        ctx.rank, ctx.size, ctx.n = rank, size, local.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        lo = ctx.rank * ctx.n
+        return grad[lo:lo + ctx.n] * ctx.size, None, None
+
+
+def _mean_across(value: torch.Tensor, world) -> float:
+    """The mean of a scalar over the ranks (for logs)."""
+    if world.size == 1:
+        return float(value.item())
+    import torch.distributed as dist
+
+    v = value.detach().float().reshape(1).clone()
+    dist.all_reduce(v)
+    return float(v.item()) / world.size
+
+
 # --------------------------------------------------------------------------------------------- loop
 class _Latents:
     """Per-class latents from a LatentCache or a ``{local label: (n, C, h, w)}`` mapping."""
@@ -378,10 +423,14 @@ def finetune(backbone: Backbone, latents, out: str | os.PathLike, config: Finetu
     record = {"config": asdict(cfg), "backbone": backbone.content_hash(), "latents": src.fingerprint(),
               "classes": class_names, "model_labels": model_labels}
     cfg_file = out / "finetune_config.json"
+    world = current_world()
+    if world.size > 1 and cfg.batch_size % world.size:
+        raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of the {world.size} ranks (each rank "
+                          "trains on an equal slice of the global batch)")
     if cfg_file.exists():
         if json.loads(cfg_file.read_text()) != json.loads(json.dumps(record)):
             raise ConfigError(f"{out} holds a fine-tune with a different config, backbone or data; use another folder")
-    else:
+    elif world.is_main:
         write_json(cfg_file, record)
     step = cfg.class_chunk or n
     chunks = [list(range(i, min(i + step, n))) for i in range(0, n, step)]
@@ -396,7 +445,9 @@ def finetune(backbone: Backbone, latents, out: str | os.PathLike, config: Finetu
             entry = {"path": rel, "labels": labels, "classes": [class_names[c] for c in labels],
                      "model_labels": [model_labels[c] for c in labels], "steps": steps}
             done.append(entry)
-            write_json(rec_file, {"chunks": done, "complete": k == len(chunks) - 1})
+            if world.is_main:
+                write_json(rec_file, {"chunks": done, "complete": k == len(chunks) - 1})
+            world.barrier()  # the chunk's folder and record exist before any rank goes on
         result.chunks.append(FinetunedChunk(path=out / rel, classes=entry["classes"], labels=entry["labels"],
                                             model_labels=entry["model_labels"], steps=entry["steps"]))
     return result
@@ -413,7 +464,14 @@ def _finetune_chunk(backbone: Backbone, src: _Latents, labels: list[int], model_
     n, bs = z_all.shape[0], cfg.batch_size
     total = cfg.steps_for(n, sum(src.images(c) for c in labels))
     per_epoch = n // bs
+    world = current_world()
     model = trainable_transformer(backbone, cfg).to(device)
+    forward = model
+    if world.size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    lo, hi = world.rank * bs // world.size, (world.rank + 1) * bs // world.size  # this rank's slice of a batch
     stage = _Stage(f"chunk_{k:03d}", model, cfg.lr, out, cfg.ema_decay or None, _mix(cfg.seed, k, 1))
     real = {c: ClassMemory(cfg.memory_size, cfg.eviction) for c in labels}
     gen = {c: ClassMemory(cfg.memory_size, cfg.eviction) for c in labels}
@@ -428,7 +486,7 @@ def _finetune_chunk(backbone: Backbone, src: _Latents, labels: list[int], model_
     run: dict[str, float] = {}
     t0 = time.time()
     bar = tqdm(total=total, initial=stage.step, desc=f"fine-tune {k}" if k else "fine-tune",
-               disable=not progress)
+               disable=not progress or not world.is_main)
     while stage.step < total:
         epoch, b = divmod(stage.step, per_epoch)
         if epoch != perm_epoch:
@@ -442,14 +500,17 @@ def _finetune_chunk(backbone: Backbone, src: _Latents, labels: list[int], model_
         noise = torch.randn(z0.shape, generator=g).to(device)
         abar_t = abar[t]
         zt = q_sample(z0, noise, abar_t)
-        eps = model(zt, timestep=t, class_labels=y.to(device)).sample[:, :channels]
-        l_diff = torch.nn.functional.mse_loss(eps, noise)
+        mine = slice(lo, hi)  # the whole batch in one process
+        eps = forward(zt[mine], timestep=t[mine], class_labels=y[mine].to(device)).sample[:, :channels]
+        l_diff = torch.nn.functional.mse_loss(eps, noise[mine])
         loss = l_diff
         stats = {"representativeness": None, "diversity": None}
         classes = sorted(set(yl.tolist()))
         if cfg.use_memory:
-            a = abar_t.view(-1, 1, 1, 1)
-            x0 = (zt - (1 - a).sqrt() * eps) / a.sqrt()
+            a = abar_t[mine].view(-1, 1, 1, 1)
+            x0 = (zt[mine] - (1 - a).sqrt() * eps) / a.sqrt()
+            if world.size > 1:
+                x0 = _GatherSlices.apply(x0, world.rank, world.size)
             terms, rs, ds = [], [], []
             for c in classes:
                 zh = x0[(yl == c).to(device)].flatten(1)
@@ -471,7 +532,9 @@ def _finetune_chunk(backbone: Backbone, src: _Latents, labels: list[int], model_
                 mask = (yl == c).to(device)
                 real[c].add(z0[mask])
                 gen[c].add(x0d[mask])
-        rec = {"chunk": k, "step": stage.step, "loss": loss.item(), "diffusion": l_diff.item(), **stats}
+        l_mean = _mean_across(l_diff, world)
+        rec = {"chunk": k, "step": stage.step, "loss": loss.item() - l_diff.item() + l_mean, "diffusion": l_mean,
+               **stats}
         if on_step is not None:
             on_step(rec)
         for key in ("loss", "diffusion", "representativeness", "diversity"):
@@ -479,12 +542,14 @@ def _finetune_chunk(backbone: Backbone, src: _Latents, labels: list[int], model_
                 run[key] = rec[key] if key not in run else 0.98 * run[key] + 0.02 * rec[key]
         bar.update(1)
         bar.set_postfix(loss=f"{run['loss']:.4f}")
-        if stage.step % _LOG_EVERY == 0 or stage.step == total:
+        if world.is_main and (stage.step % _LOG_EVERY == 0 or stage.step == total):
             _log(log, {"chunk": k, "step": stage.step, **run, "seconds": round(time.time() - t0, 2)})
-        if stage.step % cfg.checkpoint_every == 0 or stage.step == total:
+        if world.is_main and (stage.step % cfg.checkpoint_every == 0 or stage.step == total):
             stage.save(extra={"real": {c: m.state() for c, m in real.items()},
                               "gen": {c: m.state() for c, m in gen.items()}})
     bar.close()
+    if not world.is_main:
+        return total
     final = export_transformer(stage.ema if stage.ema is not None else stage.model)
     meta = copy.deepcopy(backbone.meta)
     meta.source = (f"{meta.source}; " if meta.source else "") + \
