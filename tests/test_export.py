@@ -112,3 +112,56 @@ def test_method_registry_errors():
         build_method("dit", guidance=3)
     with pytest.raises(ConfigError, match="needs a backbone"):
         distill(build_method("dit"), None, 1, "/nonexistent", progress=False)
+
+
+def test_grouped_generator_draws_each_class_its_own_noise():
+    import torch
+
+    from gendd.backbone import GroupedGenerator, standard_normal
+
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    z = standard_normal((5, 3), GroupedGenerator([(2, gens[0]), (3, gens[1])]))
+    alone = [torch.randn((2, 3), generator=torch.Generator().manual_seed(1)),
+             torch.randn((3, 3), generator=torch.Generator().manual_seed(2))]
+    assert torch.equal(z, torch.cat(alone))
+    with pytest.raises(ConfigError, match="generator groups cover 5 rows, the request 4"):
+        standard_normal((4, 3), GroupedGenerator([(2, gens[0]), (3, gens[1])]))
+
+
+@pytest.mark.parametrize("name", ["dit", "mgd3"])
+def test_class_batch_equals_one_class_at_a_time(name, toy_dataset, tiny_bb, tmp_path):
+    """Several classes in one sampling request (DDPM, so each step's noise comes from the classes' own
+    generators) give each class what it gets alone, up to the rounding of a larger batch; every class is
+    still committed with its own record."""
+    from safetensors.torch import load_file
+
+    from conftest import TINY_DIT_N, assert_close_f32, method_cache
+
+    m = build_method(name, num_steps=4, seed=5)
+    cache = method_cache(toy_dataset, tiny_bb, tmp_path, m) if m.needs_cache else None
+    one = distill(m, toy_dataset, 2, tmp_path / "one", backbone=tiny_bb, cache=cache, progress=False)
+    three = distill(m, toy_dataset, 2, tmp_path / "three", backbone=tiny_bb, cache=cache, progress=False,
+                    class_batch=3)  # one group of 3 classes, then one of 1
+    assert one["complete"] and three["complete"]
+    assert set(one["classes_done"]) == set(three["classes_done"]) == {"c0", "c1", "c2", "c3"}
+    for c in one["classes_done"]:
+        a, b = dict(one["classes_done"][c]), dict(three["classes_done"][c])
+        assert a.pop("seconds") >= 0 and b.pop("seconds") >= 0
+        assert a == b  # seeds, method facts (modes' dataset indices, guided steps)
+        la = load_file(str(tmp_path / "one" / "latents" / f"{c}.safetensors"))
+        lb = load_file(str(tmp_path / "three" / "latents" / f"{c}.safetensors"))
+        assert la.keys() == lb.keys()
+        # 4 denoising steps (each a DiT forward, two with CFG) through which the rounding of a
+        # different batch layout can propagate: the per-forward reduction length times the steps.
+        assert_close_f32(lb["latents"], la["latents"], n=8 * TINY_DIT_N)
+        for k in la.keys() - {"latents"}:
+            assert torch_equal(la[k], lb[k])
+    with pytest.raises(ConfigError, match="class_batch must be an integer >= 1"):
+        distill(m, toy_dataset, 2, tmp_path / "bad", backbone=tiny_bb, cache=cache, progress=False, class_batch=0)
+    assert not (tmp_path / "bad").exists()
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)

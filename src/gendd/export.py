@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from gendd.data.base import ImageDataset, to_uint8
 from gendd.errors import ConfigError, DataError, GenddError
-from gendd.methods.base import ClassContext, Method, seed_for
+from gendd.methods.base import ClassContext, ClassResult, Method, seed_for
 from gendd.artifacts import commit_dir, save_safetensors, write_json
 from gendd.distributed import World, current_world
 
@@ -95,13 +95,17 @@ def _run_identity(method: Method, dataset: ImageDataset, ipc: int, backbone) -> 
 
 def distill(method: Method, dataset: ImageDataset, ipc: int, out: str | os.PathLike, *, backbone=None,
             cache=None, classes: list[int] | None = None, progress: bool = True,
-            overwrite: bool = False) -> dict[str, Any]:
+            overwrite: bool = False, class_batch: int = 1) -> dict[str, Any]:
     """Distil ``dataset`` into ``ipc`` items per class with ``method`` and export to ``out``.
 
     Args:
         classes: restrict to these local class indices (default all); a later call with the rest
             completes the same folder.
         overwrite: delete an existing folder of a different run instead of refusing.
+        class_batch: classes a sampling method denoises in one request (:meth:`Method.distill_classes`; a GPU
+            throughput knob, not part of the run's identity). 1 (default) is one class at a time, whose results
+            the code guarantees bit for bit; a larger batch equals them up to float rounding. Each class is still
+            committed on its own.
 
     A user error (GenddError) after this call created ``out`` removes ``out`` again; a folder that existed
     before (a resumed run) keeps its finished classes. An interruption (Ctrl-C) keeps them too, to resume.
@@ -109,6 +113,8 @@ def distill(method: Method, dataset: ImageDataset, ipc: int, out: str | os.PathL
     Returns the manifest dict.
     """
     ipc = check_ipc(ipc)
+    if isinstance(class_batch, bool) or not isinstance(class_batch, int) or class_batch < 1:
+        raise ConfigError(f"class_batch must be an integer >= 1, got {class_batch!r}")
     if method.needs_backbone and backbone is None:
         raise ConfigError(f"method {method.name!r} needs a backbone (--backbone)")
     if method.needs_cache and cache is None:
@@ -134,7 +140,7 @@ def distill(method: Method, dataset: ImageDataset, ipc: int, out: str | os.PathL
                 shutil.rmtree(out)
     created = not out.exists()
     try:
-        return _export(method, dataset, ipc, out, identity, classes, backbone, cache, progress, world)
+        return _export(method, dataset, ipc, out, identity, classes, backbone, cache, progress, world, class_batch)
     except GenddError:
         if created and world.is_main:
             shutil.rmtree(out, ignore_errors=True)
@@ -142,7 +148,7 @@ def distill(method: Method, dataset: ImageDataset, ipc: int, out: str | os.PathL
 
 
 def _export(method: Method, dataset: ImageDataset, ipc: int, out: Path, identity: dict, classes: list[int],
-            backbone, cache, progress: bool, world: World) -> dict[str, Any]:
+            backbone, cache, progress: bool, world: World, class_batch: int = 1) -> dict[str, Any]:
     """The class loop of :func:`distill` (arguments checked there). Each class is written to
     ``out/.partial-<class>``, its record (seed, seconds, method facts, file hashes) to ``out/.records/<class>.json``,
     and then the folder is renamed into place: the commit point. The manifest is assembled from the records
@@ -161,42 +167,19 @@ def _export(method: Method, dataset: ImageDataset, ipc: int, out: Path, identity
     world.barrier()  # every rank has listed the same classes before any is committed
     mine = world.shard(todo)
     manifest = _base_manifest(method, identity, mpath, dataset, backbone)
-    bar = tqdm(mine, desc=f"{method.name} ipc={ipc}" + (f" rank {world.rank}" if world.size > 1 else ""),
+    bar = tqdm(total=len(mine), desc=f"{method.name} ipc={ipc}" + (f" rank {world.rank}" if world.size > 1 else ""),
                disable=not progress)
-    for c in bar:
-        name = dataset.classes[c]
+    for g0 in range(0, len(mine), class_batch):
+        group = mine[g0:g0 + class_batch]
         t0 = time.time()
-        ctx = ClassContext.create(dataset, c, ipc, method.config.seed, backbone=backbone, cache=cache,
-                                  progress=progress)
-        seed = seed_for(method.config.seed, c)
-        res = method.distill_class(ctx)
-        images = res.images
-        if images is None:
-            if res.latents is None:
-                raise ConfigError(f"method {method.name} returned neither images nor latents")
-            images = torch.cat([to_uint8(backbone.decode(res.latents[i:i + 64]))
-                                for i in range(0, res.latents.shape[0], 64)])
-        if images.shape[0] != ipc:
-            raise ConfigError(f"method {method.name} returned {images.shape[0]} items for class {name}, "
-                              f"expected {ipc}")
-        part = out / f".partial-{name}"
-        part.mkdir()
-        for i, img in enumerate(images):
-            save_png(img, part / f"{i}.png")
-        files = {f"{name}/{i}.png": sha256_file(part / f"{i}.png") for i in range(ipc)}
-        tensors = dict(res.tensors)
-        if res.latents is not None:
-            tensors["latents"] = res.latents.float().cpu()
-        if tensors:
-            lat = out / "latents" / f"{name}.safetensors"
-            save_safetensors(lat, {k: v.contiguous() for k, v in tensors.items()})
-            files[f"latents/{name}.safetensors"] = sha256_file(lat)
-        record = {"seed": seed, "seconds": round(time.time() - t0, 3), **res.extra, "files": files}
-        write_json(records / f"{name}.json", record)
-        commit_dir(part, out / name)  # commit point
-        if world.size == 1:  # one process: the manifest follows every class
-            _add_record(manifest, name, record)
-            write_json(mpath, manifest)
+        ctxs = [ClassContext.create(dataset, c, ipc, method.config.seed, backbone=backbone, cache=cache,
+                                    progress=progress) for c in group]
+        results = method.distill_classes(ctxs) if len(ctxs) > 1 else [method.distill_class(ctxs[0])]
+        seconds = (time.time() - t0) / len(group)
+        for c, res in zip(group, results):
+            _commit_class(method, dataset, ipc, out, backbone, c, res, seconds, world, manifest)
+            bar.update(1)
+    bar.close()
     world.barrier()
     if world.is_main:
         for c in range(dataset.num_classes):
@@ -208,6 +191,42 @@ def _export(method: Method, dataset: ImageDataset, ipc: int, out: Path, identity
         write_json(mpath, manifest)
     world.barrier()
     return json.loads(mpath.read_text()) if not world.is_main else manifest
+
+
+def _commit_class(method: Method, dataset: ImageDataset, ipc: int, out: Path, backbone, c: int, res: ClassResult,
+                  seconds: float, world: World, manifest: dict) -> None:
+    """Decode, write and commit one class's result (the commit point is the rename of its folder);
+    ``seconds``: its share of the method's time, to which its decoding and writing are added."""
+    t0 = time.time()
+    name = dataset.classes[c]
+    images = res.images
+    if images is None:
+        if res.latents is None:
+            raise ConfigError(f"method {method.name} returned neither images nor latents")
+        images = torch.cat([to_uint8(backbone.decode(res.latents[i:i + 64]))
+                            for i in range(0, res.latents.shape[0], 64)])
+    if images.shape[0] != ipc:
+        raise ConfigError(f"method {method.name} returned {images.shape[0]} items for class {name}, "
+                          f"expected {ipc}")
+    part = out / f".partial-{name}"
+    part.mkdir()
+    for i, img in enumerate(images):
+        save_png(img, part / f"{i}.png")
+    files = {f"{name}/{i}.png": sha256_file(part / f"{i}.png") for i in range(ipc)}
+    tensors = dict(res.tensors)
+    if res.latents is not None:
+        tensors["latents"] = res.latents.float().cpu()
+    if tensors:
+        lat = out / "latents" / f"{name}.safetensors"
+        save_safetensors(lat, {k: v.contiguous() for k, v in tensors.items()})
+        files[f"latents/{name}.safetensors"] = sha256_file(lat)
+    record = {"seed": seed_for(method.config.seed, c), "seconds": round(seconds + time.time() - t0, 3),
+              **res.extra, "files": files}
+    write_json(out / RECORDS / f"{name}.json", record)
+    commit_dir(part, out / name)  # commit point
+    if world.size == 1:  # one process: the manifest follows every class
+        _add_record(manifest, name, record)
+        write_json(out / MANIFEST, manifest)
 
 
 def _base_manifest(method: Method, identity: dict, mpath: Path, dataset: ImageDataset, backbone) -> dict[str, Any]:

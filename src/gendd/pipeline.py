@@ -92,7 +92,7 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
 
 def run_distill(method_name: str, data: str, ipc: int, out: str | os.PathLike, *, data_root=None,
                 backbone: str | None = None, vae: str | None = None, options: dict | None = None,
-                cache_dir=None, progress: bool = True, overwrite: bool = False) -> dict:
+                cache_dir=None, progress: bool = True, overwrite: bool = False, class_batch: int = 1) -> dict:
     """Build everything a method needs and export its distilled set to ``out``.
 
     The method's options, the IPC and the dataset name are validated before any data or model is read
@@ -103,6 +103,8 @@ def run_distill(method_name: str, data: str, ipc: int, out: str | os.PathLike, *
 
     method = build_method(method_name, **(options or {}))
     ipc = check_ipc(ipc)
+    if isinstance(class_batch, bool) or not isinstance(class_batch, int) or class_batch < 1:
+        raise ConfigError(f"--class-batch must be an integer >= 1, got {class_batch!r}")
     DATASETS.get(data)
     spec = backbone or default_backbone_for(data)
     wants_backbone = method.needs_backbone or method.needs_cache or backbone is not None
@@ -118,7 +120,8 @@ def run_distill(method_name: str, data: str, ipc: int, out: str | os.PathLike, *
     if bb is not None:  # after the cache: fine-tuning changes the DiT, not the VAE the cache was made with
         with current_world().main_first():  # resumable: the other ranks find it done
             bb = method.prepare(ds, bb, cache_dir=cache_dir, progress=progress)
-    return distill(method, ds, ipc, out, backbone=bb, cache=cache, progress=progress, overwrite=overwrite)
+    return distill(method, ds, ipc, out, backbone=bb, cache=cache, progress=progress, overwrite=overwrite,
+                   class_batch=class_batch)
 
 
 def recorded_data_root(folder: Path, manifest: dict, data: str) -> str | None:

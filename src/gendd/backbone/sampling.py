@@ -148,6 +148,27 @@ class Hook:
         return None
 
 
+@dataclass
+class GroupedGenerator:
+    """The rows of one request drawn from several generators: the first ``n_1`` rows from ``g_1``, the next
+    ``n_2`` from ``g_2``, ... (one group per class), so each class's noise is what it would draw alone, whichever
+    classes share its batch."""
+
+    groups: list[tuple[int, torch.Generator]]
+
+    def randn(self, shape: Sequence[int]) -> torch.Tensor:
+        if sum(n for n, _ in self.groups) != shape[0]:
+            raise ConfigError(f"generator groups cover {sum(n for n, _ in self.groups)} rows, the request {shape[0]}")
+        return torch.cat([torch.randn((n, *shape[1:]), generator=g, dtype=torch.float32) for n, g in self.groups])
+
+
+def standard_normal(shape: Sequence[int], generator: "torch.Generator | GroupedGenerator | None") -> torch.Tensor:
+    """``N(0, I)`` of ``shape`` on the CPU from one generator or from a :class:`GroupedGenerator`."""
+    if isinstance(generator, GroupedGenerator):
+        return generator.randn(shape)
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+
+
 def _x0(x, eps, abar):
     return (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
 
@@ -187,7 +208,7 @@ def check_finite(x: torch.Tensor, what: str) -> None:
 @torch.no_grad()
 def sample(backbone, noise: torch.Tensor, labels: torch.Tensor, config: SamplerConfig | None = None,
            *, start_step: int = 0, hooks: Sequence[SamplingHook] = (),
-           generator: torch.Generator | None = None, schedule: Schedule | None = None,
+           generator: "torch.Generator | GroupedGenerator | None" = None, schedule: Schedule | None = None,
            progress: bool = False) -> torch.Tensor:
     """Denoise ``noise`` (a latent at the level of ``start_step``) into clean latents.
 
@@ -199,7 +220,8 @@ def sample(backbone, noise: torch.Tensor, labels: torch.Tensor, config: SamplerC
         start_step: first step to run (D3HR/D4M start mid-chain).
         hooks: per-step callbacks (MGD3's mode guidance is one).
         generator: randomness of DDPM's per-step noise (drawn on the CPU, so results do not depend
-            on the device); unused by DDIM.
+            on the device), or a :class:`GroupedGenerator` (one per class of a multi-class request);
+            unused by DDIM.
 
     Returns:
         ``(B, C, h, w)`` float32 clean latents.
@@ -222,7 +244,7 @@ def sample(backbone, noise: torch.Tensor, labels: torch.Tensor, config: SamplerC
         abar, abar_prev = float(schedule.abar[i]), float(schedule.abar_prev[i])
         # DDPM noise of this step is drawn for the whole request at once, so the result does not
         # depend on the batch size (same seed -> same samples whatever batch_size is).
-        z = (torch.randn(noise.shape, generator=generator, dtype=torch.float32)
+        z = (standard_normal(noise.shape, generator)
              if schedule.kind == "ddpm" and i < len(schedule) - 1 else None)
         for b0 in range(0, n, bs):
             sl = slice(b0, b0 + bs)

@@ -118,6 +118,12 @@ class Method:
     def distill_class(self, ctx: ClassContext) -> ClassResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def distill_classes(self, ctxs: list[ClassContext]) -> list[ClassResult]:
+        """Several classes at once (``gendd distill --class-batch``): a sampling method denoises them in one
+        request, each class with its own generator, so a class's result equals its :meth:`distill_class` up
+        to float rounding of the larger batch; others go one class at a time."""
+        return [self.distill_class(ctx) for ctx in ctxs]
+
 
 def _builtin_methods() -> dict[str, type[Method]]:
     """Every :class:`Method` subclass that sets its own ``name`` in a module of ``gendd.methods``."""

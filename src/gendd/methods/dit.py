@@ -23,7 +23,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from gendd.backbone.sampling import SAMPLERS, SamplerConfig, sample
+from gendd.backbone.sampling import SAMPLERS, GroupedGenerator, SamplerConfig, sample
 from gendd.config import check
 from gendd.errors import ConfigError
 from gendd.methods.base import ClassContext, ClassResult, Method, MethodConfig
@@ -96,6 +96,19 @@ class DiTConfig(MethodConfig):
         return out
 
 
+def sample_classes(ctxs: list[ClassContext], config: DiTConfig, hooks=()) -> list[torch.Tensor]:
+    """Sample IPC latents for every class of ``ctxs`` in one request (they share a backbone): each class starts
+    from :func:`initial_noise` and draws its DDPM noise from its own generator (:class:`GroupedGenerator`), so
+    its latents do not depend on which classes share the batch but for float rounding. One class is exactly
+    the plain per-class call."""
+    bb = ctxs[0].backbone
+    noise = torch.cat([initial_noise(c) for c in ctxs])
+    labels = torch.cat([torch.full((c.ipc,), c.model_label, dtype=torch.long) for c in ctxs])
+    gen = ctxs[0].generator if len(ctxs) == 1 else GroupedGenerator([(c.ipc, c.generator) for c in ctxs])
+    z = sample(bb, noise, labels, config.sampler_config(bb), hooks=hooks, generator=gen, progress=ctxs[0].progress)
+    return list(z.split([c.ipc for c in ctxs]))
+
+
 def initial_noise(ctx: ClassContext) -> torch.Tensor:
     """``z_T ~ N(0, I)`` for the class, drawn first from the class generator (shared by every
     sampling method so that the same seed gives the same starting noise)."""
@@ -109,8 +122,7 @@ class DiTSampling(Method):
     summary = "class-conditional DiT sampling with classifier-free guidance"
 
     def distill_class(self, ctx: ClassContext) -> ClassResult:
-        noise = initial_noise(ctx)
-        labels = torch.full((ctx.ipc,), ctx.model_label, dtype=torch.long)
-        z = sample(ctx.backbone, noise, labels, self.config.sampler_config(ctx.backbone),
-                   generator=ctx.generator, progress=ctx.progress)
-        return ClassResult(latents=z)
+        return self.distill_classes([ctx])[0]
+
+    def distill_classes(self, ctxs: list[ClassContext]) -> list[ClassResult]:
+        return [ClassResult(latents=z) for z in sample_classes(ctxs, self.config)]

@@ -22,6 +22,7 @@ every generated set. The VAE is not fine-tuned, so a latent cache built with the
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,12 +150,18 @@ class _FromFinetuned:
         return self._loaded[1]
 
     def distill_class(self, ctx: ClassContext) -> ClassResult:
+        return self.distill_classes([ctx])[0]
+
+    def distill_classes(self, ctxs: list[ClassContext]) -> list[ClassResult]:
         if self._result is None:  # not prepared by the pipeline: fine-tune with the default folders
-            self.prepare(ctx.dataset, ctx.backbone, progress=ctx.progress)
-        chunk = self._chunk_of[ctx.name]
-        res = super().distill_class(dataclasses.replace(ctx, backbone=self._backbone_at(chunk.path)))
-        res.extra["finetuned_backbone"] = str(chunk.path)
-        return res
+            self.prepare(ctxs[0].dataset, ctxs[0].backbone, progress=ctxs[0].progress)
+        results = []
+        for path, group in itertools.groupby(ctxs, key=lambda c: self._chunk_of[c.name].path):
+            bb = self._backbone_at(path)  # consecutive classes of one chunk are sampled together
+            for res in super().distill_classes([dataclasses.replace(c, backbone=bb) for c in group]):
+                res.extra["finetuned_backbone"] = str(path)
+                results.append(res)
+        return results
 
 
 class Minimax(_FromFinetuned, DiTSampling):

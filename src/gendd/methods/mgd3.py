@@ -37,12 +37,12 @@ from typing import ClassVar, Literal
 
 import torch
 
-from gendd.backbone.sampling import Hook, StepState, sample
+from gendd.backbone.sampling import Hook, StepState
 from gendd.blocks.modes import MODE_METHODS, discover_modes
 from gendd.config import check
 from gendd.errors import ConfigError, DataError
 from gendd.methods.base import ClassContext, ClassResult, Method
-from gendd.methods.dit import DiTConfig, initial_noise
+from gendd.methods.dit import DiTConfig, sample_classes
 
 
 @dataclass
@@ -114,23 +114,31 @@ class MGD3(Method):
         flip = self.config.flip_augment
         return EncodeSpec(sample=False, flip=flip is True, random_flip=flip == "random")
 
-    def distill_class(self, ctx: ClassContext) -> ClassResult:
+    def class_modes(self, ctx: ClassContext):
+        """The class's modes (:class:`gendd.blocks.modes.Modes`) and the clustering seed."""
         cfg: MGD3Config = self.config
-        noise = initial_noise(ctx)  # first draw of the class generator, as dit
         latents = ctx.class_latents()
         if ctx.ipc > latents.shape[0]:
             raise DataError(f"IPC {ctx.ipc} exceeds the {latents.shape[0]} cached latents of class "
                             f"{ctx.name!r}; lower the IPC")
         seed = cfg.seed if cfg.mode_seed is None else cfg.mode_seed
-        modes = discover_modes(latents, ctx.ipc, cfg.mode_method, seed=seed)
+        return discover_modes(latents, ctx.ipc, cfg.mode_method, seed=seed), seed
+
+    def distill_class(self, ctx: ClassContext) -> ClassResult:
+        return self.distill_classes([ctx])[0]
+
+    def distill_classes(self, ctxs: list[ClassContext]) -> list[ClassResult]:
+        cfg: MGD3Config = self.config
+        found = [self.class_modes(ctx) for ctx in ctxs]  # the class generators are not used for the modes
         stop, form = cfg.resolved_stop_step(), cfg.resolved_form()
-        hooks = [ModeGuidance(modes.modes, cfg.mode_guidance_scale, stop, form)] \
+        modes = torch.cat([m.modes for m, _ in found])
+        hooks = [ModeGuidance(modes, cfg.mode_guidance_scale, stop, form)] \
             if cfg.mode_guidance_scale != 0 and stop > 0 else []
-        labels = torch.full((ctx.ipc,), ctx.model_label, dtype=torch.long)
-        z = sample(ctx.backbone, noise, labels, cfg.sampler_config(ctx.backbone), hooks=hooks,
-                   generator=ctx.generator, progress=ctx.progress)
-        extra = {"mode_method": cfg.mode_method, "mode_seed": seed, "guidance_form": form,
-                 "stop_step": stop, "guided_steps": stop if hooks else 0}
-        if modes.indices is not None:  # real-latent modes: their dataset images (a flip shares its source's)
-            extra["mode_dataset_indices"] = [int(i) for i in ctx.cache.load(ctx.label)[1][modes.indices]]
-        return ClassResult(latents=z, extra=extra, tensors={"modes": modes.modes})
+        results = []
+        for ctx, (m, seed), z in zip(ctxs, found, sample_classes(ctxs, cfg, hooks)):
+            extra = {"mode_method": cfg.mode_method, "mode_seed": seed, "guidance_form": form,
+                     "stop_step": stop, "guided_steps": stop if hooks else 0}
+            if m.indices is not None:  # real-latent modes: their dataset images (a flip shares its source's)
+                extra["mode_dataset_indices"] = [int(i) for i in ctx.cache.load(ctx.label)[1][m.indices]]
+            results.append(ClassResult(latents=z, extra=extra, tensors={"modes": m.modes}))
+        return results
