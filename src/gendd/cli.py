@@ -228,6 +228,9 @@ def distill_cmd(
     overwrite: bool = typer.Option(False, help="Replace a folder that holds a different run."),
     class_batch: int = typer.Option(1, help="Classes sampled in one request (GPU throughput; 1 = one at a "
                                             "time, bit-exact; more = equal up to float rounding)."),
+    precision: str = typer.Option("fp32", help="Autocast of the denoiser: fp32 (exact, default), bf16 or fp16 "
+                                               "(GPU throughput; recorded in the run's identity)."),
+    compile: bool = typer.Option(False, "--compile", help="Run the denoiser through torch.compile."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """Distil a dataset with a method; resumes an interrupted run in the same folder."""
@@ -235,7 +238,8 @@ def distill_cmd(
 
     opts = {"seed": seed, **parse_options(option)}
     m = run_distill(method, data, ipc, out, data_root=data_root, backbone=backbone, vae=vae, options=opts,
-                    cache_dir=cache_dir, progress=not quiet, overwrite=overwrite, class_batch=class_batch)
+                    cache_dir=cache_dir, progress=not quiet, overwrite=overwrite, class_batch=class_batch,
+                    precision=precision, compile=compile)
     typer.echo(f"{method}: {len(m['classes_done'])} classes, {m['seconds_total']:.1f} s -> {out}")
 
 

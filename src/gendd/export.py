@@ -90,7 +90,8 @@ def _run_identity(method: Method, dataset: ImageDataset, ipc: int, backbone) -> 
             "dataset": {"name": dataset.name, "split": dataset.split, "fingerprint": dataset.fingerprint(),
                         "classes": list(dataset.classes)},
             "backbone": None if backbone is None else {
-                "path": getattr(backbone, "source_path", None), "hash": backbone.content_hash()}}
+                "path": getattr(backbone, "source_path", None), "hash": backbone.content_hash(),
+                **backbone.execution()}}
 
 
 def distill(method: Method, dataset: ImageDataset, ipc: int, out: str | os.PathLike, *, backbone=None,

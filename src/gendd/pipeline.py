@@ -92,7 +92,8 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
 
 def run_distill(method_name: str, data: str, ipc: int, out: str | os.PathLike, *, data_root=None,
                 backbone: str | None = None, vae: str | None = None, options: dict | None = None,
-                cache_dir=None, progress: bool = True, overwrite: bool = False, class_batch: int = 1) -> dict:
+                cache_dir=None, progress: bool = True, overwrite: bool = False, class_batch: int = 1,
+                precision: str = "fp32", compile: bool = False) -> dict:
     """Build everything a method needs and export its distilled set to ``out``.
 
     The method's options, the IPC and the dataset name are validated before any data or model is read
@@ -105,6 +106,10 @@ def run_distill(method_name: str, data: str, ipc: int, out: str | os.PathLike, *
     ipc = check_ipc(ipc)
     if isinstance(class_batch, bool) or not isinstance(class_batch, int) or class_batch < 1:
         raise ConfigError(f"--class-batch must be an integer >= 1, got {class_batch!r}")
+    from gendd.backbone.backbone import EXECUTION_PRECISIONS
+
+    if precision not in EXECUTION_PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(EXECUTION_PRECISIONS)}, got {precision!r}")
     DATASETS.get(data)
     spec = backbone or default_backbone_for(data)
     wants_backbone = method.needs_backbone or method.needs_cache or backbone is not None
@@ -112,6 +117,8 @@ def run_distill(method_name: str, data: str, ipc: int, out: str | os.PathLike, *
         raise ConfigError(f"method {method_name!r} needs --backbone for dataset {data!r}")
     ds = get_dataset(data, "train", root=data_root)
     bb = method.condition(ds, resolve_backbone(spec, vae)) if wants_backbone else None
+    if bb is not None:
+        bb.set_execution(precision, compile=compile)
     cache = None
     if method.needs_cache:
         from gendd.cache import LatentCache

@@ -59,6 +59,10 @@ def _diffusers():
     return diffusers
 
 
+#: Autocast dtypes of :meth:`LatentBackbone.set_execution` (``fp32``: no autocast).
+EXECUTION_PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class LatentBackbone(torch.nn.Module):
     """What every latent diffusion backbone shares: a VAE, the training noise schedule, the latent
     geometry, and classifier-free guidance over a denoiser's noise prediction.
@@ -72,6 +76,9 @@ class LatentBackbone(torch.nn.Module):
 
     #: True for backbones conditioned on text prompts (:class:`gendd.backbone.text.TextBackbone`).
     text_conditioned: bool = False
+    #: Autocast of the denoiser's forward (:meth:`set_execution`): ``fp32`` (none), ``bf16`` or ``fp16``.
+    precision: str = "fp32"
+    _compiled: Any = None
 
     def __init__(self, vae, scheduler_config: dict[str, Any], meta: BackboneMeta) -> None:
         super().__init__()
@@ -90,6 +97,33 @@ class LatentBackbone(torch.nn.Module):
     def denoiser(self) -> torch.nn.Module:  # pragma: no cover - abstract
         """The noise-predicting network (its parameters set :attr:`device` and :attr:`dtype`)."""
         raise NotImplementedError
+
+    def set_execution(self, precision: str = "fp32", compile: bool = False) -> "LatentBackbone":
+        """How the denoiser runs while sampling and inverting (GPU throughput).
+
+        ``precision``: ``bf16`` / ``fp16`` autocast of its forward (its outputs are cast back to float32 and
+        the sampler's update stays float32). It changes the numbers, so a run's identity records it.
+        ``compile``: run it through ``torch.compile`` (the same operations, fused; not part of any identity).
+        The weights and :meth:`content_hash` are unchanged.
+        """
+        if precision not in EXECUTION_PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(EXECUTION_PRECISIONS)}, got {precision!r}")
+        self.precision = precision
+        # not a registered submodule: the backbone's state_dict and hash stay those of its weights
+        object.__setattr__(self, "_compiled", torch.compile(self.denoiser) if compile else None)
+        return self
+
+    def run_denoiser(self, *args: Any, **kwargs: Any) -> Any:
+        """The denoiser's forward under :meth:`set_execution`'s precision (and compilation)."""
+        net = self._compiled if self._compiled is not None else self.denoiser
+        if self.precision == "fp32":
+            return net(*args, **kwargs)
+        with torch.autocast(self.device.type, dtype=EXECUTION_PRECISIONS[self.precision]):
+            return net(*args, **kwargs)
+
+    def execution(self) -> dict[str, Any]:
+        """What of :meth:`set_execution` changes numbers (empty for float32, so older identities hold)."""
+        return {} if self.precision == "fp32" else {"precision": self.precision}
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -281,8 +315,8 @@ class Backbone(LatentBackbone):
 
     def model_output(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         t = t.to(self.device).reshape(-1).expand(z.shape[0]) if t.numel() == 1 else t.to(self.device)
-        return self.transformer(z.to(self.device, self.dtype), timestep=t,
-                                class_labels=y.to(self.device)).sample.float()
+        return self.run_denoiser(z.to(self.device, self.dtype), timestep=t,
+                                 class_labels=y.to(self.device)).sample.float()
 
     def components(self) -> list[tuple[str, torch.nn.Module]]:
         return [("vae", self.vae), ("transformer", self.transformer)]

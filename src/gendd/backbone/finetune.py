@@ -603,9 +603,9 @@ def load_finetuned(path: str | os.PathLike) -> FinetuneResult:
 
 def load_finetuned_backbone(base: Backbone, chunk_path: str | os.PathLike) -> Backbone:
     """The fine-tuned DiT of ``chunk_path`` with ``base``'s VAE, schedule and meta (fine-tuning changes
-    the DiT only), on ``base``'s device and dtype; ``source_path`` names the folder."""
+    the DiT only), on ``base``'s device, dtype and execution settings; ``source_path`` names the folder."""
     tr = _diffusers().DiTTransformer2DModel.from_pretrained(chunk_path, subfolder="transformer",
                                                             torch_dtype=base.dtype)
     bb = Backbone(base.vae, tr.to(base.device).eval(), base.scheduler_config, base.meta)
     bb.source_path = str(chunk_path)
-    return bb
+    return bb.set_execution(base.precision, compile=base._compiled is not None)

@@ -198,7 +198,7 @@ class TextBackbone(LatentBackbone):
     def model_output(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         t = t.to(self.device).reshape(-1).expand(z.shape[0]) if t.numel() == 1 else t.to(self.device)
         cond = self._embeds[self._rows(y).to(self._embeds.device)].to(self.device, self.dtype)
-        out = self.unet(z.to(self.device, self.dtype), t, encoder_hidden_states=cond).sample.float()
+        out = self.run_denoiser(z.to(self.device, self.dtype), t, encoder_hidden_states=cond).sample.float()
         if self.prediction_type == "v_prediction":
             abar = self.alphas_cumprod.to(self.device)[t.long()].float().view(-1, 1, 1, 1)
             out = abar.sqrt() * out + (1 - abar).sqrt() * z.to(self.device, torch.float32)

@@ -185,6 +185,7 @@ class D3HR(Method):
             fields = {"backbone": bb_hash, "inversion_steps": cfg.inversion_steps,
                       "sampler": dataclasses.asdict(inv), "label": ctx.model_label,
                       "latents": hashlib.sha256(z0.contiguous().numpy().tobytes()).hexdigest()}
+            fields.update(ctx.backbone.execution())  # bf16/fp16 inversion: other statistics
             condition = ctx.backbone.condition_key(ctx.model_label)
             if condition is not None:  # a text backbone inverts under the class's prompt
                 fields["condition"] = condition
