@@ -126,3 +126,39 @@ def test_saved_old_dsa_partials_are_read_in_the_new_convention(tmp_path):
     assert got["history"] == [[2, 45.0], [3, 40.0]] and got["best_epoch"] == 2
     assert (got["final_acc"], got["best_acc"]) == (40.0, 45.0)
     assert _saved_runs(path, {**key, "train_fingerprint": "y"}, "dsa") == []
+
+
+def test_on_device_wrapper_moves_inputs_and_keeps_the_cpu_interface():
+    """The wrapper a student gets off the CPU (here built for the CPU itself: the same mechanics, no GPU in the
+    suite): the same logits, gradients reach the wrapped net, train/eval reach it too; on the CPU fit_student
+    uses the plain net (no wrapper), which is why the loops above stay bit for bit."""
+    from gendd.evaluate.fit import OnDevice, on_device
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    assert on_device(net, torch.device("cpu"), "fp32") is net
+    wrapped = OnDevice(net, torch.device("cpu"), "fp32")
+    x = torch.randn(4, 1, 3, 4, generator=torch.Generator().manual_seed(0))
+    out = wrapped(x)
+    assert torch.equal(out, net(x)) and out.device.type == "cpu"
+    out.sum().backward()
+    assert net[1].weight.grad is not None
+    wrapped.eval()
+    assert not net.training
+
+
+def test_bench_workers_get_one_gpu_each(monkeypatch):
+    from gendd.bench import _pin_worker, worker_devices
+
+    monkeypatch.setenv("GENDD_DEVICE", "")  # restored after the test, whatever _pin_worker sets
+    assert worker_devices(3, gpus=2, local_rank=0) == ["cuda:0", "cuda:1", "cuda:0"]
+    assert worker_devices(2, gpus=4, local_rank=1) == ["cuda:2", "cuda:3"]  # after rank 0's GPUs on the node
+    assert worker_devices(2, gpus=0) == [None, None]
+    import queue
+
+    q = queue.Queue()
+    q.put("cuda:1")
+    _pin_worker(q)
+    import os
+
+    assert os.environ["GENDD_DEVICE"] == "cuda:1"
+    assert worker_devices(2, gpus=4) == [None, None]  # an explicit GENDD_DEVICE is kept

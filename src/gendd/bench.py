@@ -465,6 +465,28 @@ def _decide_precision(jobs: list[dict]) -> None:
         torch.set_num_threads(old)
 
 
+def worker_devices(workers: int, gpus: int | None = None, local_rank: int | None = None) -> list[str | None]:
+    """The device of each of this rank's evaluation workers: one visible GPU each, round robin (after the GPUs
+    of the node's lower ranks under torchrun: ``LOCAL_RANK * workers + i``), or None (the CPU; ``$GENDD_DEVICE``
+    keeps its say) when there is no GPU."""
+    import torch
+
+    if gpus is None:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if os.environ.get("GENDD_DEVICE", "").strip() or gpus < 1:
+        return [None] * workers
+    return [f"cuda:{(local_rank * workers + i) % gpus}" for i in range(workers)]
+
+
+def _pin_worker(devices) -> None:
+    """Process-pool initializer: take one device off the queue for this worker's students."""
+    device = devices.get()
+    if device is not None:
+        os.environ["GENDD_DEVICE"] = device
+
+
 def _run_jobs(jobs: list[dict], workers: int, progress: bool) -> None:
     """Run evaluation cells inline (``workers == 1``) or in a spawn process pool. On the first failure
     no new cell starts; cells in flight finish (their students are saved), then the error is raised."""
@@ -492,7 +514,12 @@ def _run_jobs(jobs: list[dict], workers: int, progress: bool) -> None:
         finally:
             torch.set_num_threads(old)
         return
-    pool = cf.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn"))
+    ctx = mp.get_context("spawn")
+    n = min(workers, len(jobs))
+    devices = ctx.Queue()
+    for d in worker_devices(n):
+        devices.put(d)
+    pool = cf.ProcessPoolExecutor(n, mp_context=ctx, initializer=_pin_worker, initargs=(devices,))
     error: BaseException | None = None
     try:
         futures = [pool.submit(_eval_cell_worker, job) for job in jobs]

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gendd.errors import NumericalError
-from gendd.hardware import resolve_precision
+from gendd.hardware import autocast, resolve_precision
 
 #: ``history_unit`` of runs recorded under the convention of this module.
 HISTORY_UNIT = "passes"
@@ -77,6 +77,26 @@ class Generators:
             getattr(self, name).set_state(state[name])
 
 
+class OnDevice(nn.Module):
+    """``net`` on ``device`` behind a CPU interface: inputs are moved there, the forward runs under the
+    device's autocast for ``precision``, logits come back to the CPU. Data, augmentation and every random
+    stream stay on the CPU as before, so a student's batches do not depend on where it trains; on the CPU
+    this is the plain ``net``."""
+
+    def __init__(self, net: nn.Module, device: torch.device, precision: str) -> None:
+        super().__init__()
+        self.net, self.device, self.precision = net, device, precision
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with autocast(self.precision, self.device):
+            return self.net(x.to(self.device, non_blocking=True)).cpu()
+
+
+def on_device(net: nn.Module, device: torch.device, precision: str) -> nn.Module:
+    """``net`` itself on the CPU, else :class:`OnDevice`."""
+    return net if device.type == "cpu" else OnDevice(net, device, precision)
+
+
 class Recipe:
     """One protocol family's training of one student on one training set (resolved sizes and data).
 
@@ -107,6 +127,9 @@ class Recipe:
 
     def bind(self, net: nn.Module) -> None:
         """Called once with the built student (before compiling), e.g. to look at its layers."""
+
+    def place(self, device: torch.device, precision: str) -> None:
+        """Called once with where the student trains, e.g. to move a teacher there (:func:`on_device`)."""
 
     def loss(self, fwd: nn.Module, idx: torch.Tensor, gens: Generators, precision: str) -> torch.Tensor:
         """The loss of the batch of items ``idx`` (augmented, mixed, forwarded)."""
@@ -142,6 +165,7 @@ class StudentRun:
     precision: str
     resolved: dict | None = None
     history_unit: str = HISTORY_UNIT
+    device: str = "cpu"
     model: nn.Module | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self, with_model: bool = False) -> dict[str, Any]:
@@ -178,28 +202,37 @@ class Checkpoint:
 
 
 def fit_student(recipe: Recipe, seed: int, *, precision: str = "fp32", num_threads: int | None = None,
-                compile: bool = False, progress: bool = True, desc: str | None = None,
+                compile: bool = False, device: str | torch.device | None = None, progress: bool = True,
+                desc: str | None = None,
                 checkpoint: Checkpoint | None = None,
                 return_model: bool = False, on_pass: Callable[[int, float, float | None], None] | None = None
                 ) -> StudentRun:
     """Fit a freshly initialised ``recipe.student`` under ``recipe`` with the streams of ``seed``.
 
-    ``precision`` is a policy (:func:`gendd.hardware.resolve_precision`). With a ``checkpoint`` the state after every
-    pass is saved there and a saved state is resumed from.
+    ``precision`` is a policy (:func:`gendd.hardware.resolve_precision`), resolved for ``device`` (default
+    :func:`gendd.distributed.default_device`: ``$GENDD_DEVICE``, else this rank's GPU, else the CPU). The student is
+    initialised on the CPU and moved there (:class:`OnDevice`), so its initial weights and batches are the same
+    on every device. With a ``checkpoint`` the state after every pass is saved there and a saved state is resumed
+    from. The returned model is on the CPU.
 
     Raises:
         NumericalError: the training loss became NaN/Inf.
     """
     from gendd.evaluate.students import build_student
 
+    from gendd.distributed import default_device
+
     gens = Generators.from_seed(seed)
+    device = torch.device(default_device() if device is None else device)
     with threads(num_threads):
-        precision = resolve_precision(precision)
+        precision = resolve_precision(precision, device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(gens.init)
             net = build_student(recipe.student, recipe.channels, recipe.num_classes, recipe.image_size)
         recipe.bind(net)
-        fwd: nn.Module = torch.compile(net) if compile else net
+        net.to(device)
+        recipe.place(device, precision)
+        fwd: nn.Module = on_device(torch.compile(net) if compile else net, device, precision)
         opt = recipe.optimizer(net)
         start, history, lrs, losses = 0, [], [], []
         state = checkpoint.load() if checkpoint is not None else None
@@ -252,10 +285,11 @@ def fit_student(recipe: Recipe, seed: int, *, precision: str = "fp32", num_threa
         bar.close()
     if not history:  # a resumed run that had already finished its passes
         history.append((recipe.passes, recipe.test(fwd, precision)))
+    net.to("cpu")
     best_epoch, best_acc = max(history, key=lambda h: (h[1], -h[0]))
     return StudentRun(seed=seed, final_acc=history[-1][1], best_acc=best_acc, best_epoch=best_epoch,
                       epochs=recipe.epochs, history=history, lrs=lrs,
                       losses=losses, final_loss=losses[-1] if losses else loss_mean, seconds=seconds,
                       eval_seconds=eval_seconds, precision=precision,
                       resolved=None if recipe.resolved is None else {**recipe.resolved, "precision": precision},
-                      model=net if return_model else None)
+                      device=device.type, model=net if return_model else None)

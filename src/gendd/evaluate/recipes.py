@@ -21,6 +21,7 @@ Test images of the ImageNet-style families: ``Resize(size) + CenterCrop(size)`` 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -33,7 +34,7 @@ from gendd.errors import ConfigError
 from gendd.evaluate.augment import DSAugment
 from gendd.evaluate.data import (accuracy, accuracy_u8, check_inputs, eval_transform, ipc_of, load_distilled,
                                  norm_consts, prepare_test, prepare_test_u8, train_arrays)
-from gendd.evaluate.fit import Generators, Recipe
+from gendd.evaluate.fit import Generators, Recipe, on_device
 from gendd.evaluate.imagenet_aug import TrainAugment, cutmix, resize_center_crop
 from gendd.evaluate.teacher import Teacher, load_teacher
 from gendd.hardware import autocast
@@ -189,11 +190,17 @@ class SoftLabelRecipe(Recipe):
             m_t, s_t = norm_consts(teacher.mean, teacher.std)
             self.renorm = (s_d / s_t, (m_d - m_t) / s_t)       # x_t = x * s_d / s_t + (m_d - m_t) / s_t
         self.extra_pass = False
+        self.teacher_fwd = teacher.model
         self.resolved = {"epochs": self.epochs, "lr": protocol.lr, "batch_size": batch, "image_size": size,
                          "teacher": teacher.describe()}
 
     def bind(self, net: nn.Module) -> None:
         self.extra_pass = self.p.extra_bn_pass and _has_batchnorm(net)
+
+    def place(self, device: torch.device, precision: str) -> None:
+        model = self.teacher.model
+        self.teacher_fwd = model if device.type == "cpu" else on_device(copy.deepcopy(model).to(device), device,
+                                                                         precision)
 
     def optimizer(self, net):
         return torch.optim.AdamW(adamw_param_groups(net, self.p.weight_decay), lr=self.p.lr, betas=self.p.betas)
@@ -207,7 +214,7 @@ class SoftLabelRecipe(Recipe):
         with torch.no_grad(), autocast(precision):
             if self.extra_pass:
                 fwd(xm)      # the references' accuracy pass: updates BN running stats only
-            t_logits = self.teacher.model(xm if self.renorm is None else xm * self.renorm[0] + self.renorm[1])
+            t_logits = self.teacher_fwd(xm if self.renorm is None else xm * self.renorm[0] + self.renorm[1])
         t_logits = t_logits.float()
         if self.class_map is not None:
             t_logits = t_logits[:, self.class_map]
