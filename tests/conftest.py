@@ -93,6 +93,17 @@ def tiny_bb_sigma():
     return tiny_backbone(num_classes=4, image_size=16, channels=3, vae_channels=(32, 32), learned_sigma=True)
 
 
+def ddim_roundtrip_error(bb, z0, y, steps: int) -> float:
+    """Relative error of a full DDIM inversion (``steps``, CFG 1) sampled back to ``z0``; the inverted latents
+    must look like N(0, I) draws."""
+    from gendd.backbone import SamplerConfig, ddim_invert, sample
+
+    sc = SamplerConfig("ddim", steps, cfg_scale=1.0)
+    zT = ddim_invert(bb, z0, y, steps, sc)
+    assert abs(float(zT.std()) - 1.0) < 0.15
+    return float((sample(bb, zT, y, sc) - z0).norm() / z0.norm())
+
+
 def make_dataset(num_classes=4, per_class=6, size=12, channels=1, seed=0, name="toy"):
     from gendd.data.base import ImageDataset
 
