@@ -257,3 +257,62 @@ def test_ddp_finetuning_equals_one_process_on_the_same_global_batch(tmp_path, ev
             elif m1 is not None:  # x0_hat: a DiT forward's rounding (on other batch shapes)
                 assert_close_f32(m2, m1, n=TINY_DIT_N)
     assert not (two / "ft" / "checkpoints" / "chunk_000.pt.tmp").exists()
+
+
+def _preview_worker(rank: int, size: int, root: str, store: str) -> None:
+    import datetime
+
+    import torch
+
+    torch.set_num_threads(1)
+    if size > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size,
+                                timeout=datetime.timedelta(seconds=60))
+    from gendd.backbone import tiny_backbone
+    from gendd.methods import build_method
+    from gendd.pipeline import sample_preview
+
+    bb = tiny_backbone(num_classes=5, image_size=16, channels=1, pad=2, vae_channels=(32, 32))
+    images = sample_preview(bb, 5, 2, build_method("dit", num_steps=2, seed=3).config.sampler_config(bb), seed=3)
+    if rank == 0:
+        torch.save(images, Path(root) / f"preview-{size}.pt")
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_backbone_sample_is_class_sharded_and_equals_one_process(tmp_path, size):
+    """`gendd backbone sample` under torchrun: labels split across ranks, gathered on rank 0, byte for byte
+    one process's grid; each label's images are the ones `gendd distill dit` makes for that class."""
+    import uuid
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from conftest import make_dataset
+    from gendd.backbone import tiny_backbone
+    from gendd.export import distill
+    from gendd.methods import build_method
+
+    ctx = mp.get_context("spawn")
+    for n in (1, size):
+        store = str(tmp_path / f"pg-{uuid.uuid4().hex}")
+        procs = [ctx.Process(target=_preview_worker, args=(r, n, str(tmp_path), store)) for r in range(n)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(300)
+        assert [p.exitcode for p in procs] == [0] * n
+    one, many = torch.load(tmp_path / "preview-1.pt"), torch.load(tmp_path / f"preview-{size}.pt")
+    assert one.shape == (10, 1, 12, 12) and torch.equal(one, many)
+    from gendd.evaluate.fit import threads
+
+    bb = tiny_backbone(num_classes=5, image_size=16, channels=1, pad=2, vae_channels=(32, 32))
+    with threads(1):  # the workers' thread count: the same float sums
+        distill(build_method("dit", num_steps=2, seed=3), make_dataset(num_classes=5, size=12), 2,
+                tmp_path / "dit", backbone=bb, progress=False)
+    for c in range(5):
+        for i in range(2):
+            png = np.array(Image.open(tmp_path / "dit" / f"c{c}" / f"{i}.png"))
+            assert np.array_equal(png, one[2 * c + i, 0].numpy())

@@ -97,14 +97,12 @@ def backbone_sample(
     cfg_scale: Optional[float] = typer.Option(None, help="Guidance scale (default: the backbone's)."),
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
-    """Sample a grid of class-conditional images from a backbone."""
-    import torch
-
-    from gendd.backbone import SamplerConfig, sample
-    from gendd.data.base import to_uint8
+    """Sample a grid of class-conditional images from a backbone (class-sharded under torchrun)."""
+    from gendd.backbone import SamplerConfig
+    from gendd.distributed import current_world
     from gendd.errors import ConfigError
     from gendd.export import save_grid
-    from gendd.pipeline import resolve_backbone
+    from gendd.pipeline import resolve_backbone, sample_preview
 
     for name, value in (("--per-class", per_class), ("--classes", classes)):
         if value < 1:
@@ -115,14 +113,11 @@ def backbone_sample(
     if bb.text_conditioned:
         raise ConfigError("backbone sample draws the labels of a class-conditional backbone; sample a text-to-image "
                           "backbone for a dataset's classes with `gendd distill dit --data NAME --backbone PATH`")
-    g = torch.Generator().manual_seed(seed)
-    n = min(classes, bb.num_classes)
-    labels = torch.arange(n).repeat_interleave(per_class)
-    noise = torch.randn((len(labels), *bb.latent_shape), generator=g)
     scale = bb.meta.default_cfg_scale if cfg_scale is None else cfg_scale
-    z = sample(bb, noise, labels, SamplerConfig(sampler, steps, scale), generator=g, progress=True)
-    save_grid(to_uint8(bb.decode(z)), per_class, out)
-    typer.echo(f"wrote {out}")
+    images = sample_preview(bb, min(classes, bb.num_classes), per_class, SamplerConfig(sampler, steps, scale), seed)
+    if current_world().is_main:
+        save_grid(images, per_class, out)
+        typer.echo(f"wrote {out}")
 
 
 @backbone_app.command("info")

@@ -44,6 +44,16 @@ class World:
 
             dist.barrier()
 
+    def gather(self, obj: T) -> list[T]:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        if self.size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
         """Rank 0 runs the block first (e.g. a resumable fine-tune), the others after it, finding it done.

@@ -90,6 +90,30 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def sample_preview(bb, num_classes: int, per_class: int, config, seed: int):
+    """uint8 images, ``per_class`` for each of the labels ``0..num_classes-1`` in label order (``gendd backbone
+    sample``). Label ``c`` is sampled alone from its own generator (:func:`gendd.methods.base.seed_for` of ``seed``
+    and ``c``: the noise `gendd distill dit` draws for a class of that label), so under torchrun the labels are split
+    across the ranks and the gathered images are byte for byte those of one process."""
+    import torch
+
+    from gendd.backbone import sample
+    from gendd.data.base import to_uint8
+    from gendd.methods.base import seed_for
+
+    from tqdm.auto import tqdm
+
+    world = current_world()
+    mine = {}
+    for c in tqdm(world.shard(range(num_classes)), desc="classes", disable=not world.is_main, leave=False):
+        g = torch.Generator().manual_seed(seed_for(seed, c))
+        noise = torch.randn((per_class, *bb.latent_shape), generator=g)
+        z = sample(bb, noise, torch.full((per_class,), c, dtype=torch.long), config, generator=g)
+        mine[c] = to_uint8(bb.decode(z)).cpu()
+    rows = {c: x for part in world.gather(mine) for c, x in part.items()}
+    return torch.cat([rows[c] for c in range(num_classes)])
+
+
 def run_distill(method_name: str, data: str, ipc: int, out: str | os.PathLike, *, data_root=None,
                 backbone: str | None = None, vae: str | None = None, options: dict | None = None,
                 cache_dir=None, progress: bool = True, overwrite: bool = False, class_batch: int = 1,
