@@ -218,9 +218,8 @@ def fit_student(recipe: Recipe, seed: int, *, precision: str = "fp32", num_threa
     Raises:
         NumericalError: the training loss became NaN/Inf.
     """
-    from gendd.evaluate.students import build_student
-
     from gendd.distributed import default_device
+    from gendd.evaluate.students import build_student
 
     gens = Generators.from_seed(seed)
     device = torch.device(default_device() if device is None else device)
