@@ -316,3 +316,31 @@ def test_backbone_sample_is_class_sharded_and_equals_one_process(tmp_path, size)
         for i in range(2):
             png = np.array(Image.open(tmp_path / "dit" / f"c{c}" / f"{i}.png"))
             assert np.array_equal(png, one[2 * c + i, 0].numpy())
+
+
+def test_torchrun_cli_writes_one_process_output_and_reports_once(tmp_path):
+    """``torchrun -m gendd distill`` as a user types it: two ranks write the one-process folder byte for byte and
+    the closing line is printed once (by rank 0)."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    root = tmp_path / "ds"
+    for split in ("train", "val"):
+        for c in ("a", "b", "c"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.new("L", (8, 8), 40 * i + 10 * len(c)).save(root / split / c / f"{i}.png")
+    args = ["-m", "gendd", "distill", "random", "--data", "imagefolder", "--data-root", str(root), "--ipc", "2",
+            "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True,
+                         env=env, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--standalone", *args, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    assert _files(tmp_path / "one") == _files(tmp_path / "two")
+    closing = [ln for ln in two.stdout.splitlines() if ln.startswith("random: 3 classes")]
+    assert len(closing) == 1 and closing[0].endswith(str(tmp_path / "two"))

@@ -10,6 +10,15 @@ import typer
 
 from gendd.errors import GenddError
 
+
+def _report(message: str) -> None:
+    """A command's closing line, printed once: by rank 0 under torchrun, by the process otherwise."""
+    from gendd.distributed import current_world
+
+    if current_world().is_main:
+        typer.echo(message)
+
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="gendd: generative dataset distillation with latent diffusion models.",
                   context_settings={"show_default": True})
@@ -205,7 +214,7 @@ def cache_cmd(
     ds = get_dataset(data, "train", root=data_root)
     cache = LatentCache.build(ds, resolve_backbone(spec, vae), cache_dir,
                               EncodeSpec(sample=sample_posterior, flip=flip))
-    typer.echo(f"latents cached in {cache.root}")
+    _report(f"latents cached in {cache.root}")
 
 
 @app.command("distill")
@@ -235,7 +244,7 @@ def distill_cmd(
     m = run_distill(method, data, ipc, out, data_root=data_root, backbone=backbone, vae=vae, options=opts,
                     cache_dir=cache_dir, progress=not quiet, overwrite=overwrite, class_batch=class_batch,
                     precision=precision, compile=compile)
-    typer.echo(f"{method}: {len(m['classes_done'])} classes, {m['seconds_total']:.1f} s -> {out}")
+    _report(f"{method}: {len(m['classes_done'])} classes, {m['seconds_total']:.1f} s -> {out}")
 
 
 @app.command("evaluate")
@@ -301,7 +310,7 @@ def finetune_cmd(
     cfg = build_config(FinetuneConfig, {"eviction": eviction, **defaults, **parse_options(option)}, "finetune")
     ds = get_dataset(data, "train", root=data_root)
     finetune_dataset(ds, resolve_backbone(spec, vae), out, cfg, cache_dir=cache_dir, progress=not quiet)
-    typer.echo(f"fine-tuned backbone written to {out}")
+    _report(f"fine-tuned backbone written to {out}")
 
 
 @app.command("d3hr-regenerate")
@@ -343,7 +352,7 @@ def d3hr_regenerate_cmd(
     backbone = backbone or (recorded.get("backbone") or {}).get("path")
     run_distill("d3hr-regenerate", data, ipc, out, data_root=root, backbone=backbone, vae=vae, options=opts,
                 progress=not quiet)
-    typer.echo(f"regenerated {ipc} images per class -> {out}")
+    _report(f"regenerated {ipc} images per class -> {out}")
 
 
 def _check_run_args(methods: list[str], ipc: int, profile: str, workers: int | None) -> None:
@@ -422,6 +431,7 @@ def report_cmd(
     from gendd.report import render_report
 
     typer.echo(str(render_report(bench_dir, out, tsne=tsne, max_images=max_images)))
+
 
 def main() -> None:
     """Entry point: GenddError -> one line on stderr, exit status 2. Under ``torchrun`` the ranks join one
