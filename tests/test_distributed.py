@@ -328,10 +328,10 @@ def test_torchrun_cli_writes_one_process_output_and_reports_once(tmp_path):
 
     root = tmp_path / "ds"
     for split in ("train", "val"):
-        for c in ("a", "b", "c"):
+        for k, c in enumerate(("a", "b", "c")):
             (root / split / c).mkdir(parents=True)
-            for i in range(4):
-                Image.new("L", (8, 8), 40 * i + 10 * len(c)).save(root / split / c / f"{i}.png")
+            for i in range(4):  # every image distinct, so a class written in another's place would show
+                Image.new("L", (8, 8), 40 * i + 10 * k).save(root / split / c / f"{i}.png")
     args = ["-m", "gendd", "distill", "random", "--data", "imagefolder", "--data-root", str(root), "--ipc", "2",
             "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
