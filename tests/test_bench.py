@@ -275,6 +275,29 @@ def test_teacher_features_resize_and_normalise(tmp_path):
         teacher_features(Teacher(net, "convnet3", 1, 3, 16, None, None, None, "x", "x"), x)
 
 
+def test_teacher_logits_use_the_feature_transform_and_restore_the_mode():
+    """teacher_logits == the net's output on the normalised images; the model's train/eval mode is left as found."""
+    import torch
+    from conftest import assert_close_f32, convnet_n
+
+    from gendd.evaluate import build_student, normalize
+    from gendd.evaluate.teacher import Teacher, teacher_logits
+
+    torch.manual_seed(0)
+    net = build_student("convnet3", 1, 3, 16).train()
+    t = Teacher(net, "convnet3", 1, 3, 16, None, None, None, "x", "x")
+    x = torch.randint(0, 256, (5, 1, 16, 16), dtype=torch.uint8)
+    got = teacher_logits(t, x, (0.5,), (0.25,), batch_size=2)
+    assert net.training
+    with torch.no_grad():
+        want = net.eval()(normalize(x, (0.5,), (0.25,)))
+    # batches of 2 vs one batch of 5: other conv blocking, so float32 rounding of the ConvNet-3 forward
+    assert_close_f32(got, want, n=convnet_n(1))
+    assert got.shape == (5, 3)
+    with pytest.raises(ConfigError, match="normalisation"):
+        teacher_logits(t, x)
+
+
 def test_workers_get_one_precision_decision_from_the_parent(monkeypatch):
     import gendd.hardware as hw
     from gendd.bench import _decide_precision

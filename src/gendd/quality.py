@@ -140,18 +140,13 @@ def reconstruction_error(backbone, dataset, per_class: int, batch_size: int = 25
 def label_agreement(classifier, folder: Path, classes: list[str], channels: int, mean, std) -> dict[str, Any]:
     """Share (%) of a set's images per class that ``classifier`` assigns to the class they were made for."""
     from gendd.data.imagefolder import load_image_dir
-    from gendd.evaluate.teacher import _normalize, _test_resize
-
-    import torch
+    from gendd.evaluate.teacher import teacher_logits
 
     images = load_image_dir(folder, classes, channels)
     per: dict[str, float] = {}
-    with torch.no_grad():
-        for c, name in enumerate(classes):
-            x = _test_resize(images.load(images.class_indices(c)), classifier.image_size)
-            x = _normalize(x.float() / 255.0, classifier.mean or mean, classifier.std or std)
-            pred = torch.cat([classifier.model(x[a:a + 500]).argmax(1) for a in range(0, len(x), 500)])
-            per[name] = 100.0 * float((pred == c).float().mean())
+    for c, name in enumerate(classes):
+        pred = teacher_logits(classifier, images.load(images.class_indices(c)), mean, std, 500).argmax(1)
+        per[name] = 100.0 * float((pred == c).float().mean())
     return {"mean": sum(per.values()) / len(per), "per_class": per}
 
 

@@ -12,7 +12,8 @@ from gendd.evaluate.protocols import (
     soft_batch_size,
 )
 from gendd.evaluate.students import STUDENTS, ConvNet, ResNet, build_student, register_student
-from gendd.evaluate.teacher import Teacher, TeacherConfig, load_teacher, teacher_features, train_teacher
+from gendd.evaluate.teacher import (Teacher, TeacherConfig, load_teacher, teacher_features, teacher_logits,
+                                    train_teacher)
 from gendd.evaluate.data import accuracy, format_result, normalize, prepare_test
 from gendd.evaluate.fit import StudentRun, fit_student
 from gendd.evaluate.train import evaluate_distilled, train_student
@@ -22,7 +23,7 @@ __all__ = [
     "PROFILES", "DSAProtocol", "IDCHardProtocol", "Protocol", "SoftLabelProtocol", "get_profile",
     "ipc_epochs", "soft_batch_size",
     "STUDENTS", "ConvNet", "ResNet", "build_student", "register_student",
-    "Teacher", "TeacherConfig", "load_teacher", "teacher_features", "train_teacher",
+    "Teacher", "TeacherConfig", "load_teacher", "teacher_features", "teacher_logits", "train_teacher",
     "accuracy", "evaluate_distilled", "format_result", "normalize", "prepare_test",
     "train_student", "StudentRun", "fit_student",
 ]

@@ -287,6 +287,16 @@ def train_teacher(dataset_train: ImageDataset, dataset_test: ImageDataset, stude
     return load_teacher(final)
 
 
+def _teacher_inputs(teacher: Teacher, images: torch.Tensor, mean, std, batch_size: int):
+    """Batches of uint8 images under the teacher's test transform and normalisation."""
+    images = _test_resize(images, teacher.image_size)
+    m, s = teacher.mean or mean, teacher.std or std
+    if m is None or s is None:
+        raise ConfigError(f"teacher {teacher.path} records no input normalisation; pass mean and std")
+    for a in range(0, len(images), batch_size):
+        yield _normalize(images[a:a + batch_size].float() / 255.0, m, s)
+
+
 def teacher_features(teacher: Teacher, images: torch.Tensor, mean=None, std=None,
                      batch_size: int = 256) -> torch.Tensor:
     """Penultimate-layer features of uint8 images ``(n, C, H, W)`` under ``teacher`` (float32 ``(n, d)``).
@@ -297,13 +307,23 @@ def teacher_features(teacher: Teacher, images: torch.Tensor, mean=None, std=None
     set metrics "in the teacher's space" (:func:`gendd.metrics.set_metrics`)."""
     from gendd.metrics import embed_images
 
-    images = _test_resize(images, teacher.image_size)
-    m, s = teacher.mean or mean, teacher.std or std
-    if m is None or s is None:
-        raise ConfigError(f"teacher {teacher.path} records no input normalisation; pass mean and std")
-    feats = [embed_images(teacher.model, _normalize(images[a:a + batch_size].float() / 255.0, m, s), batch_size)
-             for a in range(0, len(images), batch_size)]
+    feats = [embed_images(teacher.model, x, batch_size)
+             for x in _teacher_inputs(teacher, images, mean, std, batch_size)]
     return torch.cat(feats) if feats else torch.zeros(0)
+
+
+def teacher_logits(teacher: Teacher, images: torch.Tensor, mean=None, std=None,
+                   batch_size: int = 256) -> torch.Tensor:
+    """Class logits (float32 ``(n, classes)``) of uint8 images under ``teacher``, with the input transform of
+    :func:`teacher_features`."""
+    was_training = teacher.model.training
+    teacher.model.eval()
+    try:
+        with torch.no_grad():
+            out = [teacher.model(x).float() for x in _teacher_inputs(teacher, images, mean, std, batch_size)]
+    finally:
+        teacher.model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 def _plain_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
