@@ -162,3 +162,19 @@ def test_bench_workers_get_one_gpu_each(monkeypatch):
 
     assert os.environ["GENDD_DEVICE"] == "cuda:1"
     assert worker_devices(2, gpus=4) == [None, None]  # an explicit GENDD_DEVICE is kept
+
+
+def test_a_recipe_must_test_after_its_last_pass(world):
+    """final_acc is the accuracy after the last pass: a recipe whose schedule skips that test is refused."""
+    from gendd.evaluate.fit import fit_student
+    from gendd.evaluate.teacher import TeacherRecipe, _test_tensor
+
+    _, real, test, _ = world
+
+    class Untested(TeacherRecipe):
+        def tests_after(self, ep):
+            return ep == 0
+
+    recipe = Untested(TeacherConfig(epochs=2, batch_size=8), "convnet3", real, _test_tensor(test, 12, None), 12)
+    with pytest.raises(RuntimeError, match="must test after the last pass"):
+        fit_student(recipe, 0, progress=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -352,6 +353,31 @@ def test_teacher_train_load_round_trip_and_resume(tiny, teacher_dir, tmp_path, m
     monkeypatch.setattr(teacher_mod, "_accuracy", real_acc)
     resumed = train_teacher(real, test, "convnet3", cfg, tmp_path, progress=False)
     assert all(torch.equal(resumed.model.state_dict()[k], v) for k, v in t.model.state_dict().items())
+    # interrupted after the last pass's checkpoint, before teacher.pt: the rerun trains and tests nothing more
+    real_save = teacher_mod.save_torch
+
+    def crash_on_final(path, obj):
+        if Path(path).name == "teacher.pt":
+            raise KeyboardInterrupt
+        return real_save(path, obj)
+
+    late = tmp_path / "late"
+    monkeypatch.setattr(teacher_mod, "save_torch", crash_on_final)
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(real, test, "convnet3", cfg, late, progress=False)
+    assert torch.load(late / "teacher.ckpt", weights_only=True)["passes"] == cfg.epochs
+    monkeypatch.setattr(teacher_mod, "save_torch", real_save)
+    monkeypatch.setattr(teacher_mod, "_accuracy", flaky)  # a test or a training pass would now raise
+    calls["n"] = 1
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished teacher run trained again")
+
+    monkeypatch.setattr(teacher_mod.TeacherRecipe, "loss", no_training)
+    done = train_teacher(real, test, "convnet3", cfg, late, progress=False)
+    assert calls["n"] == 1 and done.test_acc == t.test_acc and not (late / "teacher.ckpt").exists()
+    assert all(torch.equal(done.model.state_dict()[k], v) for k, v in t.model.state_dict().items())
+    assert torch.load(late / "teacher.pt", weights_only=True)["history"] == saved["history"]
 
 
 def test_cli_teacher_train_and_evaluate(tmp_path):

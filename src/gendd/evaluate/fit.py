@@ -282,8 +282,9 @@ def fit_student(recipe: Recipe, seed: int, *, precision: str = "fp32", num_threa
                 on_pass(ep, loss_mean, acc)
         seconds = time.perf_counter() - t0
         bar.close()
-    if not history:  # a resumed run that had already finished its passes
-        history.append((recipe.passes, recipe.test(fwd, precision)))
+    if not history or history[-1][0] != recipe.passes:
+        raise RuntimeError(f"{type(recipe).__name__}.tests_after must test after the last pass "
+                           f"({recipe.passes}); the history ends at {history[-1][0] if history else None}")
     net.to("cpu")
     best_epoch, best_acc = max(history, key=lambda h: (h[1], -h[0]))
     return StudentRun(seed=seed, final_acc=history[-1][1], best_acc=best_acc, best_epoch=best_epoch,
