@@ -4,6 +4,7 @@ interruption, the config guard, and the forward-noising formula."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -145,3 +146,27 @@ def test_resume_with_other_threads_and_checkpoint_interval(tmp_path, monkeypatch
     a, b = _interrupted_then_resumed(tmp_path, monkeypatch, _tiny_cfg(num_threads=torch.get_num_threads()),
                                      _tiny_cfg(checkpoint_every=1))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_from_continues_a_backbone_and_enters_the_identity(tmp_path):
+    """init_from with 0 further steps reproduces the source backbone exactly (weights copied, the same scaling
+    factor computed from the same weights and images); another architecture or another source is refused."""
+    ds = make_dataset(size=12)
+    src = train_backbone(ds, tmp_path / "src", _tiny_cfg(), progress=False)
+    cont = _tiny_cfg(vae_steps=0, dit_steps=0, init_from=str(tmp_path / "src"))
+    assert train_backbone(ds, tmp_path / "cont", cont, progress=False).content_hash() == src.content_hash()
+    record = json.loads((tmp_path / "cont" / "train_config.json").read_text())
+    assert record["init_hash"] == src.content_hash()
+    more = train_backbone(ds, tmp_path / "more", _tiny_cfg(vae_steps=1, dit_steps=1, init_from=str(tmp_path / "src")),
+                          progress=False)
+    assert more.content_hash() != src.content_hash()
+    with pytest.raises(ConfigError, match="another architecture"):
+        train_backbone(ds, tmp_path / "wide", _tiny_cfg(dit_hidden=64, init_from=str(tmp_path / "src")),
+                       progress=False)
+    with pytest.raises(ConfigError, match="not a backbone folder"):
+        train_backbone(ds, tmp_path / "none", _tiny_cfg(init_from=str(tmp_path / "missing")), progress=False)
+    train_backbone(ds, tmp_path / "src2", _tiny_cfg(seed=4), progress=False)
+    shutil.rmtree(tmp_path / "src")
+    shutil.copytree(tmp_path / "src2", tmp_path / "src")  # same path, other weights: not the same run
+    with pytest.raises(ConfigError, match="different config"):
+        train_backbone(ds, tmp_path / "cont", cont, progress=False)

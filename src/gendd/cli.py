@@ -76,7 +76,8 @@ def backbone_train(
     seed: int = typer.Option(0, help="Seed of initialisation, batches and noise."),
     option: list[str] = typer.Option([], "--set", help="Further BackboneTrainConfig option key=value "
                                      "(repeatable), e.g. latent_channels=8, lr_schedule=cosine, "
-                                     "vae_precision=auto, ema_decay=0.9995."),
+                                     "vae_precision=auto, ema_decay=0.9995, init_from=fashion-mnist-v2 "
+                                     "(continue training a shipped backbone or folder)."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """Train a VAE, then a class-conditional DiT on its latents (resumable)."""
@@ -85,10 +86,15 @@ def backbone_train(
     from gendd.data import get_dataset
     from gendd.pipeline import parse_options
 
+    from gendd.pipeline import backbone_folder
+
     opts = dict(image_size=image_size, vae_steps=vae_steps, dit_steps=dit_steps, dit_layers=dit_layers,
                 dit_hidden=dit_hidden, dit_heads=dit_heads, default_cfg_scale=cfg_scale,
                 checkpoint_every=checkpoint_every, seed=seed)
-    cfg = build_config(BackboneTrainConfig, {**opts, **parse_options(option)}, "backbone train")
+    opts.update(parse_options(option))
+    if isinstance(opts.get("init_from"), str):  # a shipped name names its package folder
+        opts["init_from"] = str(backbone_folder(opts["init_from"]))
+    cfg = build_config(BackboneTrainConfig, opts, "backbone train")
     ds = get_dataset(data, "train", root=data_root)
     train_backbone(ds, out, cfg, progress=not quiet)
     typer.echo(f"backbone written to {out}")

@@ -58,6 +58,10 @@ class BackboneTrainConfig(Validated):
         checkpoint_every: steps between checkpoints.
         seed: seeds initialisation, batches, noise and label dropout.
         num_threads: torch threads (None = torch default).
+        init_from: a backbone folder of the same architecture whose VAE and DiT weights start the two
+            stages (continued training: ``vae_steps``/``dit_steps`` more steps, a fresh schedule, the EMA
+            starting at the loaded DiT); None = random initialisation. Its content hash enters the run's
+            identity.
     """
 
     config_what: ClassVar[str] = "backbone train"
@@ -86,6 +90,7 @@ class BackboneTrainConfig(Validated):
     checkpoint_every: int = field(default=200, metadata=check(Integral, ge=1))
     seed: int = field(default=0, metadata=check(Integral))
     num_threads: int | None = field(default=None, metadata=check(Integral, ge=1, optional=True))
+    init_from: str | None = field(default=None, metadata=check(str, min_length=1, optional=True))
 
     def _check_fields(self) -> None:
         if self.dit_hidden % self.dit_heads:
@@ -134,6 +139,22 @@ def build_models(cfg: BackboneTrainConfig, channels: int, num_classes: int):
                                       attention_head_dim=cfg.dit_hidden // cfg.dit_heads,
                                       num_embeds_ada_norm=num_classes)
     return vae, dit
+
+
+def _load_init(folder: str | os.PathLike, vae, dit) -> str:
+    """Load the VAE and DiT weights of the backbone folder ``folder`` into ``vae`` / ``dit`` (architectures must
+    match); returns its content hash."""
+    path = Path(folder)
+    if not (path / "vae").is_dir() or not (path / "transformer").is_dir():
+        raise ConfigError(f"init_from {str(folder)!r} is not a backbone folder (vae/ and transformer/)")
+    init = Backbone.from_pretrained(path)
+    for name, mine, theirs in (("VAE", vae, init.vae), ("DiT", dit, init.transformer)):
+        try:
+            mine.load_state_dict(theirs.state_dict())
+        except RuntimeError as err:
+            raise ConfigError(f"init_from {str(folder)!r}: its {name} has another architecture than this "
+                              f"config's ({str(err).splitlines()[0]})") from None
+    return init.content_hash()
 
 
 class _Stage:
@@ -209,8 +230,13 @@ def train_backbone(dataset: ImageDataset, out: str | os.PathLike, cfg: BackboneT
     if pad < 0 or 2 * pad + dataset.image_size != cfg.image_size:
         raise ConfigError(f"image_size {cfg.image_size} must exceed the dataset's {dataset.image_size} "
                           "by an even number of pixels")
+    torch.manual_seed(cfg.seed)
+    vae, dit = build_models(cfg, dataset.channels, dataset.num_classes)
+    init = _load_init(cfg.init_from, vae, dit) if cfg.init_from is not None else None
     cfg_file = out / "train_config.json"
     record = {"config": asdict(cfg), "dataset": dataset.name, "fingerprint": dataset.fingerprint()}
+    if init is not None:
+        record["init_hash"] = init
     if cfg_file.exists():
         old = json.loads(cfg_file.read_text())
         if not same_identity(old, record):  # num_threads, checkpoint_every: execution knobs
@@ -218,8 +244,6 @@ def train_backbone(dataset: ImageDataset, out: str | os.PathLike, cfg: BackboneT
     else:
         cfg_file.write_text(json.dumps(record, indent=2))
     log = out / "train_log.jsonl"
-    torch.manual_seed(cfg.seed)
-    vae, dit = build_models(cfg, dataset.channels, dataset.num_classes)
     images = dataset.load(range(len(dataset)))  # uint8, fits in memory for the embedded data
     labels = torch.as_tensor(dataset.labels)
     meta = BackboneMeta(image_size=cfg.image_size, channels=dataset.channels, pad=pad,
