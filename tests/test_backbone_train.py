@@ -44,6 +44,9 @@ def test_tiny_training_writes_a_loadable_backbone(tmp_path):
     loaded = Backbone.from_pretrained(tmp_path / "bb")
     assert loaded.content_hash() == bb.content_hash()
     assert loaded.meta.pad == 2 and loaded.meta.class_names == list(ds.classes)
+    # the VAE written before the DiT stage is the final backbone's VAE
+    early = Backbone.from_pretrained(tmp_path / "bb", vae=tmp_path / "bb" / "checkpoints" / "vae")
+    assert early.content_hash() == bb.content_hash()
     log = [json.loads(line) for line in (tmp_path / "bb" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["stage"] == "vae"][-1] == 4
     assert [r["step"] for r in log if r["stage"] == "dit"][-1] == 5

@@ -13,7 +13,9 @@ Learning rates are constant (v1) or follow a cosine decay to zero over the stage
 ``lr_t = lr * (1 + cos(pi * t / T)) / 2`` (Loshchilov & Hutter 2017, without restarts).
 
 Both stages checkpoint every ``checkpoint_every`` steps (model, EMA, optimiser, RNG, step) with an
-atomic rename, and resume from the last checkpoint when re-run with the same output folder.
+atomic rename, and resume from the last checkpoint when re-run with the same output folder. The finished VAE
+(with its scaling factor) is written to ``checkpoints/vae`` before the DiT stage starts, so it can be measured
+(``gendd backbone quality --set vae=...``) while the DiT trains.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from numbers import Integral, Real
@@ -36,7 +39,7 @@ from gendd.config import Validated, check
 from gendd.data.base import ImageDataset, to_float
 from gendd.errors import ConfigError, NumericalError
 from gendd.hardware import PRECISIONS, autocast, resolve_precision
-from gendd.artifacts import same_identity, save_torch
+from gendd.artifacts import commit_dir, same_identity, save_torch
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -293,6 +296,12 @@ def train_backbone(dataset: ImageDataset, out: str | os.PathLike, cfg: BackboneT
         lat = {"z": z, "scaling_factor": float(1.0 / z.std())}
         save_torch(latents_file, lat)
     vae.register_to_config(scaling_factor=lat["scaling_factor"])
+    vae_folder = out / "checkpoints" / "vae"
+    if not vae_folder.is_dir():  # usable while the DiT trains: `gendd backbone quality --set vae=<it>`
+        staging = out / "checkpoints" / "vae.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        vae.save_pretrained(staging)
+        commit_dir(staging, vae_folder)
     z_all = lat["z"] * lat["scaling_factor"]
 
     # ---------------- stage 2: DiT
