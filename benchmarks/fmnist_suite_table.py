@@ -7,6 +7,7 @@ seconds per student of each profile.
     gendd bench benchmarks/grids/fmnist_crossarch.toml --collect-only    # ConvNet-6 (runs/crossarch)
     gendd bench benchmarks/grids/fmnist_resnet.toml --collect-only       # ResNet-AP-10 (runs/resnet)
     gendd bench benchmarks/grids/fmnist_soft.toml --collect-only         # soft labels, no-aug, LRS, ARS, teacher metrics
+    gendd bench benchmarks/grids/fmnist_soft_small.toml --collect-only   # soft labels, small-image profile (runs/soft-small)
     python benchmarks/fmnist_suite_table.py --out benchmarks/results/fmnist_suite.md
 
 Reads the results.json of those bench folders and benchmarks/results/full_data_*.json (full-data students,
@@ -21,9 +22,9 @@ import json
 import statistics
 from pathlib import Path
 
-COLUMNS = [("convnet3", "quick", "ConvNet-3"), ("convnet6", "quick", "ConvNet-6"),
-           ("resnet_ap10", "quick", "ResNet-AP-10"), ("convnet3", "soft", "ConvNet-3 soft"),
-           ("convnet3", "quick-noaug", "ConvNet-3 no-aug")]
+COLUMNS = [("convnet3", "quick", "ConvNet-3"), ("convnet3", "soft-small", "ConvNet-3 soft (small-image)"),
+           ("convnet6", "quick", "ConvNet-6"), ("resnet_ap10", "quick", "ResNet-AP-10"),
+           ("convnet3", "soft", "ConvNet-3 soft (quick)"), ("convnet3", "quick-noaug", "ConvNet-3 no-aug")]
 
 
 def _num(v) -> bool:
@@ -32,7 +33,8 @@ def _num(v) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bench", nargs="+", default=["runs/table", "runs/crossarch", "runs/resnet", "runs/soft"])
+    ap.add_argument("--bench", nargs="+", default=["runs/table", "runs/crossarch", "runs/resnet", "runs/soft",
+                                                      "runs/soft-small"])
     ap.add_argument("--ipc", type=int, nargs="+", default=[1, 10])
     ap.add_argument("--results", default="benchmarks/results")
     ap.add_argument("--out", default=None)
