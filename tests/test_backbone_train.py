@@ -173,3 +173,28 @@ def test_init_from_continues_a_backbone_and_enters_the_identity(tmp_path):
     shutil.copytree(tmp_path / "src2", tmp_path / "src")  # same path, other weights: not the same run
     with pytest.raises(ConfigError, match="different config"):
         train_backbone(ds, tmp_path / "cont", cont, progress=False)
+
+
+def test_snapshot_of_a_run_is_its_backbone_at_the_last_dit_checkpoint(tmp_path, monkeypatch):
+    """A run interrupted after the DiT's checkpoint at step 2 snapshots to that checkpoint's EMA weights; a
+    finished run snapshots to exactly its final backbone; a run without a DiT checkpoint is refused."""
+    from gendd.backbone.train import snapshot_backbone
+
+    ds = make_dataset(size=12)
+    final = train_backbone(ds, tmp_path / "bb", _tiny_cfg(), progress=False)
+    snap = snapshot_backbone(ds, tmp_path / "bb", tmp_path / "snap")
+    assert snap.content_hash() == final.content_hash()
+    assert Backbone.from_pretrained(tmp_path / "snap").content_hash() == final.content_hash()
+    assert json.loads((tmp_path / "snap" / "snapshot.json").read_text())["dit_step"] == 5
+    state = torch.load(tmp_path / "bb" / "checkpoints" / "dit.pt", weights_only=False)
+    state["step"], state["ema"] = 2, {k: v + 1 for k, v in state["ema"].items()}
+    torch.save(state, tmp_path / "bb" / "checkpoints" / "dit.pt")
+    mid = snapshot_backbone(ds, tmp_path / "bb", tmp_path / "snap")  # replaces the older snapshot
+    assert torch.equal(mid.transformer.state_dict()["proj_out_2.bias"], state["ema"]["proj_out_2.bias"])
+    assert json.loads((tmp_path / "snap" / "snapshot.json").read_text())["dit_step"] == 2
+    (tmp_path / "bb" / "checkpoints" / "dit.pt").unlink()
+    with pytest.raises(ConfigError, match="no DiT checkpoint yet"):
+        snapshot_backbone(ds, tmp_path / "bb", tmp_path / "snap2")
+    with pytest.raises(ConfigError, match="another dataset"):
+        snapshot_backbone(make_dataset(size=12, seed=9), tmp_path / "bb", tmp_path / "snap2")
+    assert not (tmp_path / "snap2").exists()

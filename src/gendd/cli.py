@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -98,6 +99,22 @@ def backbone_train(
     ds = get_dataset(data, "train", root=data_root)
     train_backbone(ds, out, cfg, progress=not quiet)
     typer.echo(f"backbone written to {out}")
+
+
+@backbone_app.command("snapshot")
+def backbone_snapshot(
+    run: Path = typer.Option(..., help="A `gendd backbone train` output folder, finished or still training."),
+    out: Path = typer.Option(..., help="Backbone folder to write (diffusers format)."),
+    data: str = typer.Option("fashion-mnist", help="The run's dataset name."),
+    data_root: Optional[Path] = typer.Option(None, help="Dataset root folder (ImageFolder datasets)."),
+) -> None:
+    """Write the backbone of a training run as of its last DiT checkpoint (EMA weights), to measure it early."""
+    from gendd.backbone.train import snapshot_backbone
+    from gendd.data import get_dataset
+
+    bb = snapshot_backbone(get_dataset(data, "train", root=data_root), run, out)
+    step = json.loads((out / "snapshot.json").read_text())["dit_step"]
+    typer.echo(f"backbone of {run} at DiT step {step} -> {out} ({bb.content_hash()})")
 
 
 @backbone_app.command("sample")

@@ -42,6 +42,9 @@ from gendd.hardware import PRECISIONS, autocast, resolve_precision
 from gendd.artifacts import commit_dir, same_identity, save_torch
 
 LR_SCHEDULES = ("constant", "cosine")
+#: DDPM's training schedule (Ho et al. 2020; DiT's too): linear betas 1e-4 .. 0.02 over 1000 steps.
+SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
+             "clip_sample": False}
 
 
 @dataclass
@@ -142,6 +145,51 @@ def build_models(cfg: BackboneTrainConfig, channels: int, num_classes: int):
                                       attention_head_dim=cfg.dit_hidden // cfg.dit_heads,
                                       num_embeds_ada_norm=num_classes)
     return vae, dit
+
+
+def _meta(cfg: BackboneTrainConfig, dataset: ImageDataset, pad: int) -> BackboneMeta:
+    return BackboneMeta(image_size=cfg.image_size, channels=dataset.channels, pad=pad,
+                        class_names=list(dataset.classes), default_cfg_scale=cfg.default_cfg_scale,
+                        source=f"gendd backbone train ({dataset.name})")
+
+
+def snapshot_backbone(dataset: ImageDataset, run: str | os.PathLike, dest: str | os.PathLike) -> Backbone:
+    """Write the backbone of an unfinished ``train_backbone`` run in ``run`` to ``dest``: its finished VAE
+    (``checkpoints/vae``) and the EMA weights of the DiT's last checkpoint, so a backbone can be measured while it
+    trains. ``dataset`` is the run's training dataset (class names, geometry). Returns the backbone; its DiT step
+    is recorded in ``dest/snapshot.json``.
+
+    Raises:
+        ConfigError: ``run`` is not a backbone training run, its VAE or DiT stage has no checkpoint yet, or
+            ``dataset`` is not the run's.
+    """
+    from gendd.artifacts import write_json
+    from gendd.config import build_config
+
+    run = Path(run)
+    cfg_file, ckpt, vae_folder = run / "train_config.json", run / "checkpoints" / "dit.pt", run / "checkpoints" / "vae"
+    if not cfg_file.exists():
+        raise ConfigError(f"{run} is not a `gendd backbone train` run (no train_config.json)")
+    record = json.loads(cfg_file.read_text())
+    if record.get("fingerprint") != dataset.fingerprint():
+        raise ConfigError(f"{run} was trained on another dataset than {dataset.name!r}")
+    if not vae_folder.is_dir() or not ckpt.exists():
+        raise ConfigError(f"{run} has no DiT checkpoint yet (its VAE stage is still running); snapshot it later")
+    cfg = build_config(BackboneTrainConfig, record["config"], "backbone snapshot")
+    _, dit = build_models(cfg, dataset.channels, dataset.num_classes)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    dit.load_state_dict(state["ema"] if state["ema"] is not None else state["model"])
+    vae = _diffusers().AutoencoderKL.from_pretrained(vae_folder)
+    bb = Backbone(vae.eval(), dit.eval(), dict(SCHEDULER),
+                  _meta(cfg, dataset, (cfg.image_size - dataset.image_size) // 2))
+    dest = Path(dest)
+    staging = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    bb.save_pretrained(staging)
+    write_json(staging / "snapshot.json", {"run": str(run), "dit_step": int(state["step"]),
+                                           "dit_steps": cfg.dit_steps, "content_hash": bb.content_hash()})
+    commit_dir(staging, dest)
+    return bb
 
 
 def _load_init(folder: str | os.PathLike, vae, dit) -> str:
@@ -249,11 +297,7 @@ def train_backbone(dataset: ImageDataset, out: str | os.PathLike, cfg: BackboneT
     log = out / "train_log.jsonl"
     images = dataset.load(range(len(dataset)))  # uint8, fits in memory for the embedded data
     labels = torch.as_tensor(dataset.labels)
-    meta = BackboneMeta(image_size=cfg.image_size, channels=dataset.channels, pad=pad,
-                        class_names=list(dataset.classes), default_cfg_scale=cfg.default_cfg_scale,
-                        source=f"gendd backbone train ({dataset.name})")
-    sched = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
-             "clip_sample": False}
+    meta, sched = _meta(cfg, dataset, pad), dict(SCHEDULER)
 
     # ---------------- stage 1: VAE
     vae_stage = _Stage("vae", vae.train(), cfg.vae_lr, out, None, cfg.seed, cfg.lr_schedule, cfg.vae_steps)
@@ -336,6 +380,6 @@ def train_backbone(dataset: ImageDataset, out: str | os.PathLike, cfg: BackboneT
         if dit_stage.step % cfg.checkpoint_every == 0 or dit_stage.step == cfg.dit_steps:
             dit_stage.save()
     bar.close()
-    final = Backbone(vae, dit_stage.ema.eval(), sched, meta)
+    final = Backbone(vae, dit_stage.ema.eval(), sched, meta)  # = snapshot_backbone at the last step
     final.save_pretrained(out)
     return final
