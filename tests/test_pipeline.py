@@ -127,3 +127,14 @@ def test_fashion_mnist_v2_loads_by_name():
     bb = resolve_backbone("fashion-mnist-v2")
     assert tuple(bb.latent_shape) == (8, 8, 8) and bb.meta.pad == 2 and not bb.learned_sigma
     assert bb.content_hash() != resolve_backbone("fashion-mnist-v1").content_hash()
+
+
+def test_fashion_mnist_v3_loads_by_name_and_continues_v2():
+    import json
+
+    from gendd.pipeline import backbone_folder, resolve_backbone
+
+    bb = resolve_backbone("fashion-mnist-v3")
+    assert tuple(bb.latent_shape) == (8, 8, 8) and bb.meta.pad == 2 and not bb.learned_sigma
+    record = json.loads((backbone_folder("fashion-mnist-v3") / "train_config.json").read_text())
+    assert record["init_hash"] == resolve_backbone("fashion-mnist-v2").content_hash()
