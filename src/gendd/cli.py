@@ -85,9 +85,7 @@ def backbone_train(
     from gendd.backbone.train import BackboneTrainConfig, train_backbone
     from gendd.config import build_config
     from gendd.data import get_dataset
-    from gendd.pipeline import parse_options
-
-    from gendd.pipeline import backbone_folder
+    from gendd.pipeline import backbone_folder, parse_options
 
     opts = dict(image_size=image_size, vae_steps=vae_steps, dit_steps=dit_steps, dit_layers=dit_layers,
                 dit_hidden=dit_hidden, dit_heads=dit_heads, default_cfg_scale=cfg_scale,
@@ -112,9 +110,9 @@ def backbone_snapshot(
     from gendd.backbone.train import snapshot_backbone
     from gendd.data import get_dataset
 
-    bb = snapshot_backbone(get_dataset(data, "train", root=data_root), run, out)
-    step = json.loads((out / "snapshot.json").read_text())["dit_step"]
-    typer.echo(f"backbone of {run} at DiT step {step} -> {out} ({bb.content_hash()})")
+    snapshot_backbone(get_dataset(data, "train", root=data_root), run, out)
+    record = json.loads((out / "snapshot.json").read_text())  # step and content hash, computed once
+    typer.echo(f"backbone of {run} at DiT step {record['dit_step']} -> {out} ({record['content_hash']})")
 
 
 @backbone_app.command("sample")

@@ -147,7 +147,8 @@ def build_models(cfg: BackboneTrainConfig, channels: int, num_classes: int):
     return vae, dit
 
 
-def _meta(cfg: BackboneTrainConfig, dataset: ImageDataset, pad: int) -> BackboneMeta:
+def _meta(cfg: BackboneTrainConfig, dataset: ImageDataset) -> BackboneMeta:
+    pad = (cfg.image_size - dataset.image_size) // 2
     return BackboneMeta(image_size=cfg.image_size, channels=dataset.channels, pad=pad,
                         class_names=list(dataset.classes), default_cfg_scale=cfg.default_cfg_scale,
                         source=f"gendd backbone train ({dataset.name})")
@@ -180,8 +181,7 @@ def snapshot_backbone(dataset: ImageDataset, run: str | os.PathLike, dest: str |
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     dit.load_state_dict(state["ema"] if state["ema"] is not None else state["model"])
     vae = _diffusers().AutoencoderKL.from_pretrained(vae_folder)
-    bb = Backbone(vae.eval(), dit.eval(), dict(SCHEDULER),
-                  _meta(cfg, dataset, (cfg.image_size - dataset.image_size) // 2))
+    bb = Backbone(vae.eval(), dit.eval(), dict(SCHEDULER), _meta(cfg, dataset))
     dest = Path(dest)
     staging = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
@@ -297,7 +297,7 @@ def train_backbone(dataset: ImageDataset, out: str | os.PathLike, cfg: BackboneT
     log = out / "train_log.jsonl"
     images = dataset.load(range(len(dataset)))  # uint8, fits in memory for the embedded data
     labels = torch.as_tensor(dataset.labels)
-    meta, sched = _meta(cfg, dataset, pad), dict(SCHEDULER)
+    meta, sched = _meta(cfg, dataset), dict(SCHEDULER)
 
     # ---------------- stage 1: VAE
     vae_stage = _Stage("vae", vae.train(), cfg.vae_lr, out, None, cfg.seed, cfg.lr_schedule, cfg.vae_steps)
