@@ -207,6 +207,55 @@ def test_finetuned_set_with_backbone_defaults_is_recognised_as_done(world, tmp_p
     assert distilled == ["memory"]
 
 
+def test_a_rerun_with_other_backbone_weights_is_refused(world, tmp_path):
+    """Set manifests name options, not weights: the bench records its backbone's hash and refuses a re-run into the
+    same folder from a backbone retrained under the same name (or, for folders written before the hash, a
+    backbone folder of another name), instead of tabulating the old sets as the new backbone's."""
+    import shutil
+
+    from gendd.backbone import tiny_backbone
+    from gendd.bench import run_bench
+
+    data, bb = world
+    mine = tmp_path / "bb"
+    shutil.copytree(bb, mine)
+    cfg = tiny_config(world, tmp_path, methods=["dit"], ipc=[1], backbone=str(mine), protocols=[], metrics=False,
+                      real_accuracy={})
+    run_bench(cfg, tmp_path / "b", progress=False)
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert saved["backbone_hash"]
+    run_bench(cfg, tmp_path / "b", progress=False)  # same weights: fine
+    tiny_backbone(num_classes=3, image_size=16, channels=3, vae_channels=(32, 32), seed=1).save_pretrained(mine)
+    with pytest.raises(ConfigError, match="from another backbone"):
+        run_bench(cfg, tmp_path / "b", progress=False)
+    del saved["backbone_hash"]  # a folder from before the hash was recorded
+    (tmp_path / "b" / "config.json").write_text(json.dumps(saved))
+    other = tmp_path / "bb-other"
+    shutil.copytree(bb, other)
+    with pytest.raises(ConfigError, match="from backbone 'bb'"):
+        run_bench(tiny_config(world, tmp_path, methods=["dit"], ipc=[1], backbone=str(other), protocols=[],
+                              metrics=False, real_accuracy={}), tmp_path / "b", progress=False)
+
+
+def test_metrics_in_another_backbones_latent_space(world, tmp_path):
+    """``metrics_backbone`` puts the sets in that backbone's VAE space: the stored latents (the grid backbone's
+    shape) are not used, the PNGs are encoded, and the cache key names the space."""
+    from gendd.backbone import tiny_backbone
+    from gendd.bench import run_bench
+
+    other = tmp_path / "bb-2ch"
+    tiny_backbone(num_classes=3, image_size=16, channels=3, vae_channels=(32, 32), latent_channels=2,
+                  seed=3).save_pretrained(other)
+    common = dict(methods=["dit"], ipc=[2], protocols=[], real_accuracy={})
+    run_bench(tiny_config(world, tmp_path, **common), tmp_path / "b", progress=False)
+    own = json.loads((tmp_path / "b" / "metrics" / "dit-ipc2.json").read_text())
+    run_bench(tiny_config(world, tmp_path, metrics_backbone=str(other), **common), tmp_path / "b", progress=False)
+    moved = json.loads((tmp_path / "b" / "metrics" / "dit-ipc2.json").read_text())
+    assert own["metrics"]["latent_source"] == "stored" and moved["metrics"]["latent_source"] == "encoded"
+    assert moved["key"]["backbone"] == str(other) and moved["key"]["set_files"] == own["key"]["set_files"]
+    assert moved["metrics"]["pairwise_cos"] != own["metrics"]["pairwise_cos"]
+
+
 def test_soft_label_rows_lrs_and_teacher_space_metrics(world, tmp_path, monkeypatch):
     """A grid with a hard and a soft-label protocol: the soft row's LRS takes Acc(syn, hard) from the hard row
     of the same set; the teacher-space metrics are computed once per set and cached."""

@@ -13,7 +13,8 @@ Layout of a bench folder::
 
 Cells and resume: a set is distilled once (sequentially, in this process: methods may share the
 latent cache and fine-tuned backbones, which are not written for concurrent use) and skipped when its
-manifest is complete for the same method, options and IPC. An evaluation cell is one student
+manifest is complete for the same method, options and IPC; a re-run whose backbone has other weights than
+the one recorded in ``config.json`` is refused (:func:`check_backbone_unchanged`). An evaluation cell is one student
 (set, protocol, student, seed); its result is merged into the set's partial file by
 :func:`gendd.pipeline.run_evaluate` as soon as it finishes, so a killed bench loses at most the cells
 in flight and a re-run trains only missing students. Evaluation cells run in ``workers`` processes
@@ -37,6 +38,8 @@ TOML schema (every key optional unless marked)::
     compile = false              # torch.compile the students (speed only, not part of the protocol)
     threads = 1                  # torch threads per evaluation process
     metrics = false              # set metrics in the VAE latent space (needs a backbone)
+    metrics_backbone = "fashion-mnist-v1"   # whose VAE latent space (default: the grid's backbone and vae);
+                                 #   one space for sets of different backbones
     metrics_real_per_class = 1000   # real latents per class for the metrics (seeded subsample)
     metrics_k = 5                # k of precision/recall/density/coverage
     metrics_teacher = "runs/t"   # also the set metrics in this teacher's penultimate-layer feature space
@@ -146,6 +149,7 @@ class BenchConfig(Validated):
     threads: int = field(default=1, metadata=check(Integral, ge=1))
     compile: bool = field(default=False, metadata=check(bool))
     metrics: bool = field(default=False, metadata=check(bool))
+    metrics_backbone: str | None = field(default=None, metadata=check(*_PATH, optional=True, min_length=1))
     metrics_real_per_class: int = field(default=1000, metadata=check(Integral, ge=2))
     metrics_k: int = field(default=5, metadata=check(Integral, ge=1))
     metrics_teacher: str | None = field(default=None, metadata=check(*_PATH, optional=True, min_length=1))
@@ -234,7 +238,8 @@ class BenchConfig(Validated):
         need(not self.ars_protocols
              or (len(self.ars_protocols) == 2 and set(self.ars_protocols) <= set(self.protocols)),
              f"ars_protocols must be two protocols of the grid [with_aug, without_aug], got {self.ars_protocols}")
-        need(not self.metrics or self.backbone is not None or default_backbone_for(self.data) is not None,
+        need(not self.metrics or self.metrics_backbone is not None or self.backbone is not None
+             or default_backbone_for(self.data) is not None,
              f"metrics = true needs a backbone (VAE) for dataset {self.data!r}: set backbone = \"...\"")
 
     # ------------------------------------------------------------------ derived
@@ -313,6 +318,44 @@ def eval_overrides(cfg: BenchConfig, proto: ProtocolSpec, student: str) -> dict[
     return {**over, "repeats": repeats}
 
 
+def check_backbone_unchanged(cfg: BenchConfig, out: Path) -> str | None:
+    """The content hash of the grid's backbone, after checking that the sets already in ``out`` come from it.
+
+    A set's manifest names its options, not always the weights (a fine-tuned or text-conditioned backbone records
+    its own hash), so the bench records the grid backbone's hash in ``<out>/config.json`` and refuses a re-run
+    whose backbone differs: the same name retrained, or ``fashion-mnist`` after the shipped default changed.
+    A folder written before the hash was recorded is checked by the backbone folder named in its sets' manifests.
+    """
+    spec = cfg.backbone_spec()
+    sets = sorted((out / "sets").glob("*/manifest.json")) if (out / "sets").is_dir() else []
+    if spec is None or not sets:
+        return _backbone_hash(cfg) if spec is not None else None
+    from gendd.pipeline import backbone_folder
+
+    current = _backbone_hash(cfg)
+    saved = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+    where = f"{spec}{'' if cfg.vae is None else f' with VAE {cfg.vae}'}"
+    if saved.get("backbone_hash") is not None:
+        if saved["backbone_hash"] != current:
+            raise ConfigError(f"{out} holds sets distilled from another backbone (hash {saved['backbone_hash']}); "
+                              f"this grid's backbone {where} has hash {current}: choose another out")
+        return current
+    want = backbone_folder(spec).name
+    for path in sets:  # no hash recorded: the backbone folder each set names, where it is not a fine-tune's
+        rec = json.loads(path.read_text()).get("backbone") or {}
+        named = Path(str(rec.get("path") or ""))
+        if rec.get("path") and not (named / "finetune_config.json").exists() and named.name != want:
+            raise ConfigError(f"{out} holds sets distilled from backbone {named.name!r} ({path.parent.name}); "
+                              f"this grid's backbone is {where}: choose another out")
+    return current
+
+
+def _backbone_hash(cfg: BenchConfig) -> str:
+    from gendd.pipeline import resolve_backbone
+
+    return resolve_backbone(cfg.backbone_spec(), cfg.vae).content_hash()
+
+
 def _distill_done(folder: Path, spec: MethodSpec, ipc: int, cfg: BenchConfig) -> bool:
     """True when ``folder`` holds a complete set of the same method, options, IPC and dataset."""
     from gendd.methods import build_method
@@ -378,7 +421,9 @@ def run_bench(cfg: BenchConfig, out: str | os.PathLike | None = None, *, workers
         raise ConfigError(f"workers must be >= 1, got {workers}")
     out.mkdir(parents=True, exist_ok=True)
     rev, chash = git_revision(), cfg.config_hash()
+    bb_hash = check_backbone_unchanged(cfg, out)
     _write_json(out / "config.json", {"config": cfg.canonical(), "config_hash": chash, "git_rev": rev,
+                                      "backbone_hash": bb_hash,
                                       "execution": {"workers": workers, "threads": cfg.threads}})
     specs, protos = cfg.method_specs(), cfg.protocol_specs()
     data_root = str(cfg.data_root) if cfg.data_root else None
@@ -598,7 +643,7 @@ def compute_bench_metrics(cfg: BenchConfig, out: Path, progress: bool = True) ->
 
     mdir = out / "metrics"
     mdir.mkdir(exist_ok=True)
-    spec = cfg.backbone_spec()
+    spec, vae = (cfg.metrics_backbone, None) if cfg.metrics_backbone else (cfg.backbone_spec(), cfg.vae)
     state: dict[str, Any] = {}
 
     def backbone_and_real():
@@ -607,7 +652,7 @@ def compute_bench_metrics(cfg: BenchConfig, out: Path, progress: bool = True) ->
             from gendd.data import get_dataset
             from gendd.pipeline import resolve_backbone
 
-            bb = resolve_backbone(spec, cfg.vae)
+            bb = resolve_backbone(spec, vae)
             ds = get_dataset(cfg.data, "train", root=cfg.data_root)
             cache = LatentCache.build(ds, bb, cfg.cache_dir, EncodeSpec(), progress=progress)
             real, keep = {}, {}
@@ -631,7 +676,7 @@ def compute_bench_metrics(cfg: BenchConfig, out: Path, progress: bool = True) ->
                   str(mdir / f"{folder.name}.safetensors"), metadata={"classes": json.dumps(ds.classes)})
         return res
 
-    key = {"backbone": spec, "vae": cfg.vae, "data": cfg.data, "space": "vae-latent",
+    key = {"backbone": spec, "vae": vae, "data": cfg.data, "space": "vae-latent",
            "real_per_class": cfg.metrics_real_per_class, "k": cfg.metrics_k, "sigma": "median"}
     return _cached_set_metrics(cfg, out, ".json", key, compute,
                                valid=lambda: (mdir / "real-latents.safetensors").exists())
