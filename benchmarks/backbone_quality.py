@@ -21,7 +21,7 @@ import torch
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbone", default="fashion-mnist")
+    ap.add_argument("--backbone", default="fashion-mnist-v1")
     ap.add_argument("--classifier-epochs", type=int, default=3)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="classifier precision policy (gendd.hardware)")

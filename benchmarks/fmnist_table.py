@@ -61,7 +61,8 @@ def main() -> None:
             s = {**run_statistics(saved["runs"]), "protocol": saved["key"]["protocol"]}
         else:
             options = {"seed": args.seed, **parse_options(per_method.get(m, []))}
-            man = run_distill(m, "fashion-mnist", ipc, folder, options=options, progress=args.progress)
+            man = run_distill(m, "fashion-mnist", ipc, folder, backbone="fashion-mnist-v1", options=options,
+                              progress=args.progress)
             over = {"repeats": args.repeats} if args.repeats else None
             s = run_evaluate(folder, profile=args.profile, overrides=over, progress=args.progress,
                              compile=args.compile or None)

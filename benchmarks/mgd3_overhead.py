@@ -37,7 +37,7 @@ def main() -> None:
     from gendd.pipeline import resolve_backbone
 
     ds = get_dataset("fashion-mnist", "train")
-    bb = resolve_backbone("fashion-mnist")
+    bb = resolve_backbone("fashion-mnist-v1")
     method = build_method("mgd3", sampler=args.sampler)
     cfg = method.config
     cache = LatentCache.build(ds, bb, None, method.encode_spec(), progress=False)

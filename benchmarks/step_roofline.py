@@ -118,7 +118,7 @@ def encode_seconds(n: int = 2048, batch: int = 256) -> float:
     """Seconds to encode ``n`` random 28 px images with the shipped backbone's VAE (after one warm-up batch)."""
     from gendd.pipeline import resolve_backbone
 
-    bb = resolve_backbone("fashion-mnist")
+    bb = resolve_backbone("fashion-mnist-v1")
     x = torch.rand(batch, 1, 28, 28) * 2 - 1
     with torch.no_grad():
         bb.encode(x)
