@@ -168,6 +168,11 @@ def test_init_from_continues_a_backbone_and_enters_the_identity(tmp_path):
                        progress=False)
     with pytest.raises(ConfigError, match="not a backbone folder"):
         train_backbone(ds, tmp_path / "none", _tiny_cfg(init_from=str(tmp_path / "missing")), progress=False)
+    # init_dit=False: the source's VAE exactly, under a new DiT of another size
+    wide = train_backbone(ds, tmp_path / "wide2", _tiny_cfg(vae_steps=0, dit_hidden=64, init_dit=False,
+                                                            init_from=str(tmp_path / "src")), progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(wide.vae.state_dict().values(), src.vae.state_dict().values()))
+    assert wide.transformer.config.attention_head_dim * wide.transformer.config.num_attention_heads == 64
     train_backbone(ds, tmp_path / "src2", _tiny_cfg(seed=4), progress=False)
     shutil.rmtree(tmp_path / "src")
     shutil.copytree(tmp_path / "src2", tmp_path / "src")  # same path, other weights: not the same run

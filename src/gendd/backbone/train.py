@@ -12,7 +12,9 @@ Weights used for sampling are an exponential moving average of the trained ones.
 Learning rates are constant (v1) or follow a cosine decay to zero over the stage's steps,
 ``lr_t = lr * (1 + cos(pi * t / T)) / 2`` (Loshchilov & Hutter 2017, without restarts).
 
-Both stages checkpoint every ``checkpoint_every`` steps (model, EMA, optimiser, RNG, step) with an
+Training runs where :func:`gendd.distributed.default_device` says (``$GENDD_DEVICE``, else the GPU when there is
+one); batches, noise and label dropout are drawn on the CPU, so a run draws the same batches on any device and
+resumes on another one. Both stages checkpoint every ``checkpoint_every`` steps (model, EMA, optimiser, RNG, step) with an
 atomic rename, and resume from the last checkpoint when re-run with the same output folder. The finished VAE
 (with its scaling factor) is written to ``checkpoints/vae`` before the DiT stage starts, so it can be measured
 (``gendd backbone quality --set vae=...``) while the DiT trains.
@@ -37,6 +39,7 @@ from tqdm.auto import tqdm
 from gendd.backbone.backbone import Backbone, BackboneMeta, _diffusers
 from gendd.config import Validated, check
 from gendd.data.base import ImageDataset, to_float
+from gendd.distributed import default_device
 from gendd.errors import ConfigError, NumericalError
 from gendd.hardware import PRECISIONS, autocast, resolve_precision
 from gendd.artifacts import commit_dir, same_identity, save_torch
@@ -68,6 +71,8 @@ class BackboneTrainConfig(Validated):
             stages (continued training: ``vae_steps``/``dit_steps`` more steps, a fresh schedule, the EMA
             starting at the loaded DiT); None = random initialisation. Its content hash enters the run's
             identity.
+        init_dit: whether ``init_from`` starts the DiT too; False = its VAE only, and a new DiT (of any size)
+            trained from random initialisation on that VAE's latents.
     """
 
     config_what: ClassVar[str] = "backbone train"
@@ -97,6 +102,7 @@ class BackboneTrainConfig(Validated):
     seed: int = field(default=0, metadata=check(Integral))
     num_threads: int | None = field(default=None, metadata=check(Integral, ge=1, optional=True))
     init_from: str | None = field(default=None, metadata=check(str, min_length=1, optional=True))
+    init_dit: bool = field(default=True, metadata=check(bool))
 
     def _check_fields(self) -> None:
         if self.dit_hidden % self.dit_heads:
@@ -194,12 +200,14 @@ def snapshot_backbone(dataset: ImageDataset, run: str | os.PathLike, dest: str |
 
 def _load_init(folder: str | os.PathLike, vae, dit) -> str:
     """Load the VAE and DiT weights of the backbone folder ``folder`` into ``vae`` / ``dit`` (architectures must
-    match); returns its content hash."""
+    match; ``dit=None``: the VAE only); returns its content hash."""
     path = Path(folder)
     if not (path / "vae").is_dir() or not (path / "transformer").is_dir():
         raise ConfigError(f"init_from {str(folder)!r} is not a backbone folder (vae/ and transformer/)")
     init = Backbone.from_pretrained(path)
     for name, mine, theirs in (("VAE", vae, init.vae), ("DiT", dit, init.transformer)):
+        if mine is None:
+            continue
         try:
             mine.load_state_dict(theirs.state_dict())
         except RuntimeError as err:
@@ -248,10 +256,14 @@ class _Stage:
                                "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(), "step": self.step,
                                "extra": extra})
 
+    def check(self, value: float) -> None:
+        """Raise NumericalError unless ``value`` (a loss read back from the device) is finite."""
+        if not math.isfinite(value):
+            raise NumericalError(f"{self.name} loss is {value} by step {self.step}; lower the learning rate")
+
     def update(self, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss):
-            raise NumericalError(f"{self.name} loss is {loss.item()} at step {self.step}; lower the "
-                                 "learning rate")
+        """One optimiser step on ``loss``. The loss is not read back here (that would wait for the device each
+        step); callers :meth:`check` what they read at their log and checkpoint steps."""
         if self.schedule == "cosine":
             for group in self.opt.param_groups:
                 group["lr"] = self.lr * 0.5 * (1.0 + math.cos(math.pi * self.step / max(1, self.total_steps)))
@@ -260,8 +272,7 @@ class _Stage:
         self.opt.step()
         if self.ema is not None:
             with torch.no_grad():
-                for pe, p in zip(self.ema.parameters(), self.model.parameters()):
-                    pe.lerp_(p, 1.0 - self.ema_decay)
+                torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1.0 - self.ema_decay)
         self.step += 1
 
 
@@ -283,7 +294,9 @@ def train_backbone(dataset: ImageDataset, out: str | os.PathLike, cfg: BackboneT
                           "by an even number of pixels")
     torch.manual_seed(cfg.seed)
     vae, dit = build_models(cfg, dataset.channels, dataset.num_classes)
-    init = _load_init(cfg.init_from, vae, dit) if cfg.init_from is not None else None
+    init = _load_init(cfg.init_from, vae, dit if cfg.init_dit else None) if cfg.init_from is not None else None
+    dev = torch.device(default_device())
+    vae, dit = vae.to(dev), dit.to(dev)
     cfg_file = out / "train_config.json"
     record = {"config": asdict(cfg), "dataset": dataset.name, "fingerprint": dataset.fingerprint()}
     if init is not None:
@@ -302,26 +315,31 @@ def train_backbone(dataset: ImageDataset, out: str | os.PathLike, cfg: BackboneT
     # ---------------- stage 1: VAE
     vae_stage = _Stage("vae", vae.train(), cfg.vae_lr, out, None, cfg.seed, cfg.lr_schedule, cfg.vae_steps)
     vae_stage.resume()
-    vae_precision = resolve_precision(cfg.vae_precision, "cpu")
+    vae_precision = resolve_precision(cfg.vae_precision, dev)
     t0 = time.time()
     bar = tqdm(total=cfg.vae_steps, initial=vae_stage.step, desc="VAE", disable=not progress)
     while vae_stage.step < cfg.vae_steps:
         idx = torch.randint(len(images), (cfg.vae_batch_size,), generator=vae_stage.gen)
-        x = torch.nn.functional.pad(to_float(images[idx]), (pad,) * 4, value=-1.0)
-        with autocast(vae_precision):
+        x = torch.nn.functional.pad(to_float(images[idx]), (pad,) * 4, value=-1.0).to(dev)
+        with autocast(vae_precision, dev):
             dist = vae.encode(x).latent_dist
-            z = dist.sample(generator=vae_stage.gen)
+            z = dist.sample(generator=vae_stage.gen)  # drawn on the generator's CPU, moved to dev
             rec = vae.decode(z).sample
         mse = torch.nn.functional.mse_loss(rec.float(), x)
         kl = dist.kl().float().mean()  # per image, summed over latent dims
         loss = mse + cfg.kl_weight * kl / x[0].numel()  # = (SSE + kl_weight * KL) / pixels
         vae_stage.update(loss)
         bar.update(1)
-        bar.set_postfix(mse=f"{mse.item():.4f}")
-        if vae_stage.step % 50 == 0 or vae_stage.step == cfg.vae_steps:
-            _log(log, {"stage": "vae", "step": vae_stage.step, "mse": mse.item(), "kl": kl.item(),
+        logged = vae_stage.step % 50 == 0 or vae_stage.step == cfg.vae_steps
+        saved = vae_stage.step % cfg.checkpoint_every == 0 or vae_stage.step == cfg.vae_steps
+        if logged or saved:
+            mse_v, loss_v = mse.item(), loss.item()
+            vae_stage.check(loss_v)
+            bar.set_postfix(mse=f"{mse_v:.4f}")
+        if logged:
+            _log(log, {"stage": "vae", "step": vae_stage.step, "mse": mse_v, "kl": kl.item(),
                        "seconds": time.time() - t0})
-        if vae_stage.step % cfg.checkpoint_every == 0 or vae_stage.step == cfg.vae_steps:
+        if saved:
             vae_stage.save()
     bar.close()
     vae.eval().requires_grad_(False)
@@ -334,8 +352,8 @@ def train_backbone(dataset: ImageDataset, out: str | os.PathLike, cfg: BackboneT
         chunks = []
         with torch.no_grad():
             for i in tqdm(range(0, len(images), 500), desc="encode", disable=not progress):
-                x = torch.nn.functional.pad(to_float(images[i:i + 500]), (pad,) * 4, value=-1.0)
-                chunks.append(vae.encode(x).latent_dist.mean)
+                x = torch.nn.functional.pad(to_float(images[i:i + 500]), (pad,) * 4, value=-1.0).to(dev)
+                chunks.append(vae.encode(x).latent_dist.mean.cpu())
         z = torch.cat(chunks)
         lat = {"z": z, "scaling_factor": float(1.0 / z.std())}
         save_torch(latents_file, lat)
@@ -353,31 +371,39 @@ def train_backbone(dataset: ImageDataset, out: str | os.PathLike, cfg: BackboneT
     dit_stage = _Stage("dit", dit.train(), cfg.dit_lr, out, cfg.ema_decay, cfg.seed + 1, cfg.lr_schedule,
                        cfg.dit_steps)
     dit_stage.resume()
-    dit_precision = resolve_precision(cfg.dit_precision, "cpu")
+    dit_precision = resolve_precision(cfg.dit_precision, dev)
     bb = Backbone(vae, dit, sched, meta)
-    abar = bb.alphas_cumprod.float()
+    abar = bb.alphas_cumprod.float().to(dev)
+    z_all = z_all.to(dev)
     t0 = time.time()
     bar = tqdm(total=cfg.dit_steps, initial=dit_stage.step, desc="DiT", disable=not progress)
     running = None
     while dit_stage.step < cfg.dit_steps:
         g = dit_stage.gen
         idx = torch.randint(len(z_all), (cfg.dit_batch_size,), generator=g)
-        z0, y = z_all[idx], labels[idx].clone()
+        y = labels[idx].clone()
         drop = torch.rand(y.shape, generator=g) < cfg.label_dropout
         y[drop] = dataset.num_classes
-        t = torch.randint(0, bb.num_train_timesteps, (z0.shape[0],), generator=g)
-        noise = torch.randn(z0.shape, generator=g)
-        zt = q_sample(z0, noise, abar[t])
-        with autocast(dit_precision):
+        t = torch.randint(0, bb.num_train_timesteps, (len(idx),), generator=g)
+        noise = torch.randn((len(idx), *z_all.shape[1:]), generator=g).to(dev)
+        t, y = t.to(dev), y.to(dev)
+        zt = q_sample(z_all[idx.to(dev)], noise, abar[t])
+        with autocast(dit_precision, dev):
             pred = dit(zt, timestep=t, class_labels=y).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise)
         dit_stage.update(loss)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        loss = loss.detach()
+        running = loss if running is None else 0.98 * running + 0.02 * loss  # stays on the device
         bar.update(1)
-        bar.set_postfix(loss=f"{running:.4f}")
-        if dit_stage.step % 100 == 0 or dit_stage.step == cfg.dit_steps:
-            _log(log, {"stage": "dit", "step": dit_stage.step, "loss": running, "seconds": time.time() - t0})
-        if dit_stage.step % cfg.checkpoint_every == 0 or dit_stage.step == cfg.dit_steps:
+        logged = dit_stage.step % 100 == 0 or dit_stage.step == cfg.dit_steps
+        saved = dit_stage.step % cfg.checkpoint_every == 0 or dit_stage.step == cfg.dit_steps
+        if logged or saved:
+            running_v = running.item()
+            dit_stage.check(running_v)
+            bar.set_postfix(loss=f"{running_v:.4f}")
+        if logged:
+            _log(log, {"stage": "dit", "step": dit_stage.step, "loss": running_v, "seconds": time.time() - t0})
+        if saved:
             dit_stage.save()
     bar.close()
     final = Backbone(vae, dit_stage.ema.eval(), sched, meta)  # = snapshot_backbone at the last step
