@@ -18,7 +18,7 @@ from gendd.errors import ConfigError, DataError
 
 #: Backbones shipped with the package: name -> folder under ``gendd/assets/backbones``. A dataset's own name
 #: is its default backbone; earlier versions stay loadable by their versioned names (published numbers).
-SHIPPED_BACKBONES = {"fashion-mnist": "fashion-mnist-v1", "fashion-mnist-v1": "fashion-mnist-v1",
+SHIPPED_BACKBONES = {"fashion-mnist": "fashion-mnist-v3", "fashion-mnist-v1": "fashion-mnist-v1",
                      "fashion-mnist-v2": "fashion-mnist-v2", "fashion-mnist-v3": "fashion-mnist-v3"}
 
 
