@@ -229,6 +229,8 @@ class _Stage:
         self.lr, self.schedule, self.total_steps = lr, schedule, total_steps
         self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
         self.ema = copy.deepcopy(model).requires_grad_(False) if ema_decay else None
+        # parameter lists of the EMA update; resume loads state dicts in place, so they stay valid
+        self._ema_lists = (list(self.ema.parameters()), list(model.parameters())) if self.ema is not None else None
         self.ema_decay = ema_decay
         self.gen = torch.Generator().manual_seed(seed)
         self.step = 0
@@ -270,9 +272,9 @@ class _Stage:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        if self.ema is not None:
+        if self._ema_lists is not None:
             with torch.no_grad():
-                torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1.0 - self.ema_decay)
+                torch._foreach_lerp_(*self._ema_lists, 1.0 - self.ema_decay)
         self.step += 1
 
 
