@@ -223,3 +223,62 @@ def test_cfg_channels_refuses_other_words():
         build_method("dit", cfg_channels="three")
     with pytest.raises(ConfigError, match=">= 1"):
         build_method("dit", cfg_channels=0)
+
+
+def test_cfg_interval_guides_only_the_noise_levels_inside(tiny_bb, monkeypatch):
+    """Guidance in a limited interval (Kynkäänniemi et al. 2024): (0, inf) covers every step, so it is plain
+    CFG bit for bit; an interval above every level is conditional sampling bit for bit; in between, exactly
+    the steps with sigma = sqrt((1 - abar) / abar) in (lo, hi] are guided, in sampling and in DDIM inversion."""
+    import math
+
+    z, y = _latents(tiny_bb, 3), torch.tensor([0, 1, 3])
+    plain = sample(tiny_bb, z, y, SamplerConfig("ddpm", 6, 3.0), generator=torch.Generator().manual_seed(1))
+    every = sample(tiny_bb, z, y, SamplerConfig("ddpm", 6, 3.0, cfg_interval=(0.0, math.inf)),
+                   generator=torch.Generator().manual_seed(1))
+    assert torch.equal(plain, every)
+    none = sample(tiny_bb, z, y, SamplerConfig("ddpm", 6, 3.0, cfg_interval=(1e6, 1e7)),
+                  generator=torch.Generator().manual_seed(1))
+    cond = sample(tiny_bb, z, y, SamplerConfig("ddpm", 6, 1.0), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(none, cond) and not torch.equal(none, plain)
+
+    seen = []
+    predict = tiny_bb.predict
+
+    def spy(x, t, labels, cfg_scale=1.0, cfg_channels=None):
+        seen.append((int(t[0]), cfg_scale))
+        return predict(x, t, labels, cfg_scale, cfg_channels)
+
+    monkeypatch.setattr(tiny_bb, "predict", spy)
+    for kind in ("ddpm", "ddim"):
+        cfg = SamplerConfig(kind, 8, 3.0, cfg_interval=(0.5, 5.0))
+        sched = make_schedule(tiny_bb, kind, 8)
+        sigma = {int(t): math.sqrt((1 - float(a)) / float(a)) for t, a in zip(sched.timesteps, sched.abar)}
+        want = {t: 3.0 if 0.5 < s <= 5.0 else 1.0 for t, s in sigma.items()}
+        assert set(want.values()) == {1.0, 3.0}  # the interval splits this chain
+        seen.clear()
+        sample(tiny_bb, z, y, cfg, generator=torch.Generator().manual_seed(1))
+        assert dict(seen) == want and len(seen) == len(want)
+    seen.clear()
+    ddim_invert(tiny_bb, z, y, 8, SamplerConfig("ddim", 8, 3.0, cfg_interval=(0.5, 5.0)))
+    assert dict(seen) == want and len(seen) == len(want)
+
+
+def test_cfg_interval_auto_is_the_backbones_default(tiny_bb):
+    import dataclasses
+
+    from gendd.methods import build_method
+
+    cfg = build_method("dit", cfg_scale=2.0).config
+    assert cfg.cfg_interval == "auto" and cfg.sampler_config(tiny_bb).cfg_interval is None
+    meta = tiny_bb.meta
+    tiny_bb.meta = dataclasses.replace(meta, default_cfg_interval=[0, 2])
+    try:
+        assert cfg.sampler_config(tiny_bb).cfg_interval == (0.0, 2.0)
+        assert cfg.resolved(tiny_bb)["cfg_interval"] == [0.0, 2.0]
+        assert build_method("dit", cfg_interval=None).config.sampler_config(tiny_bb).cfg_interval is None
+        assert build_method("dit", cfg_interval=[1, 3]).config.sampler_config(tiny_bb).cfg_interval == (1.0, 3.0)
+    finally:
+        tiny_bb.meta = meta
+    for bad in ([2, 1], [1], "sometimes", [-1, 2]):
+        with pytest.raises(ConfigError, match="cfg_interval"):
+            build_method("dit", cfg_interval=bad)

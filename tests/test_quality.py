@@ -46,8 +46,9 @@ def test_quality_report_parts_and_resume(world, tmp_path, monkeypatch):
     from gendd.pipeline import resolve_backbone
     from gendd.quality import run_quality
 
-    cfg = _cfg(world, tmp_path)
+    cfg = _cfg(world, tmp_path, cfg_interval=[0.0, 5.0])
     report = run_quality(cfg, tmp_path / "q", progress=False)
+    assert report["backbone"]["cfg_interval"] == (0.0, 5.0)
 
     rec = report["reconstruction"]
     assert set(rec["per_class"]) == {"k0", "k1", "k2"} and rec["split"] == "test"
@@ -81,6 +82,7 @@ def test_quality_report_parts_and_resume(world, tmp_path, monkeypatch):
         assert 0 <= r["coverage"] <= 1 and r["fd"] >= 0 and 0 <= r["latent_diversity"] <= 2
     sample_m = json.loads((tmp_path / "q" / "samples" / "sets" / "dit-cfg2-ipc3" / "manifest.json").read_text())
     assert sample_m["config"]["cfg_scale"] == 2.0 and sample_m["ipc"] == 3
+    assert sample_m["config"]["cfg_interval"] == [0.0, 5.0]
 
     assert [(r["cfg_scale"], r["ipc"], r["students"]) for r in report["sweep"]] == [(1.0, 1, 1), (2.0, 1, 1)]
     md = (tmp_path / "q" / "quality.md").read_text()
@@ -129,6 +131,7 @@ def test_reconstruction_error_is_the_mean_of_class_mses(tiny_bb):
 
 @pytest.mark.parametrize("option,message", [
     ("cfg_scales=[1,1]", "cfg_scales has duplicates"),
+    ("cfg_interval=[2,1]", "cfg_interval"),
     ("ceiling_ipc=[0]", "ceiling_ipc"),
     ("profile=nope", "unknown protocol 'nope'"),
     ("nope=1", "has no option(s) nope"),

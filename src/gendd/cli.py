@@ -127,7 +127,8 @@ def backbone_sample(
     cfg_scale: Optional[float] = typer.Option(None, help="Guidance scale (default: the backbone's)."),
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
-    """Sample a grid of class-conditional images from a backbone (class-sharded under torchrun)."""
+    """Sample a grid of class-conditional images from a backbone (class-sharded under torchrun), guided at the
+    backbone's default noise levels (its ``default_cfg_interval``)."""
     from gendd.backbone import SamplerConfig
     from gendd.distributed import current_world
     from gendd.errors import ConfigError
@@ -144,7 +145,9 @@ def backbone_sample(
         raise ConfigError("backbone sample draws the labels of a class-conditional backbone; sample a text-to-image "
                           "backbone for a dataset's classes with `gendd distill dit --data NAME --backbone PATH`")
     scale = bb.meta.default_cfg_scale if cfg_scale is None else cfg_scale
-    images = sample_preview(bb, min(classes, bb.num_classes), per_class, SamplerConfig(sampler, steps, scale), seed)
+    interval = bb.meta.default_cfg_interval
+    config = SamplerConfig(sampler, steps, scale, cfg_interval=None if interval is None else tuple(interval))
+    images = sample_preview(bb, min(classes, bb.num_classes), per_class, config, seed)
     if current_world().is_main:
         save_grid(images, per_class, out)
         typer.echo(f"wrote {out}")

@@ -39,6 +39,12 @@ _PATH = (str, os.PathLike)
 _IPCS = check(tuple, items=check(Integral, ge=1))
 
 
+def _check_cfg_interval(value) -> None:
+    from gendd.methods.dit import check_cfg_interval_option
+
+    check_cfg_interval_option(value)
+
+
 def _label(scale: float) -> str:
     return f"dit-cfg{scale:g}"
 
@@ -55,6 +61,8 @@ class QualityConfig(Validated):
         samples_per_class: samples per class and scale for label agreement and the set metrics (0 = skip).
         sweep_ipc: IPCs of the downstream ``dit`` sweep (empty = skip).
         sampler, num_steps: the ``dit`` sampler of both sweeps.
+        cfg_interval: the noise levels ``[lo, hi]`` guided at every scale of the sweeps (``dit``'s option:
+            "auto" = the backbone's default, None = every step).
         profile, protocol_overrides, repeats, student: evaluation protocol (a profile and overrides of its
             fields, e.g. ``{"epochs": 100}``), students per cell, student architecture.
         classifier: a trained teacher (``teacher.pt`` or its folder); None = train one (``classifier_epochs``).
@@ -77,6 +85,8 @@ class QualityConfig(Validated):
     sweep_ipc: tuple[int, ...] = field(default=(10,), metadata=_IPCS)
     sampler: str = field(default="ddpm", metadata=check(choices=("ddpm", "ddim")))
     num_steps: int = field(default=50, metadata=check(Integral, ge=1))
+    cfg_interval: tuple[float, float] | str | None = field(default="auto", metadata=check(
+        tuple, str, optional=True, test=_check_cfg_interval))
     profile: str = field(default="quick", metadata=check(str, min_length=1))
     protocol_overrides: dict[str, Any] = field(default_factory=dict, metadata=check(dict))
     repeats: int = field(default=2, metadata=check(Integral, ge=1))
@@ -109,7 +119,8 @@ class QualityConfig(Validated):
                            cache_dir=self.cache_dir, **extra)
 
     def sampler_options(self, scale: float) -> dict[str, Any]:
-        return {"method": "dit", "cfg_scale": float(scale), "sampler": self.sampler, "num_steps": self.num_steps}
+        return {"method": "dit", "cfg_scale": float(scale), "sampler": self.sampler, "num_steps": self.num_steps,
+                "cfg_interval": self.cfg_interval}
 
 
 def psnr(mse: float) -> float:
@@ -169,6 +180,7 @@ def run_quality(cfg: QualityConfig, out: str | os.PathLike, progress: bool = Tru
     """Measure (or resume measuring) everything of the module docstring into ``out``; returns the report."""
     from gendd.bench import compute_bench_metrics, compute_teacher_metrics, run_bench, set_folder
     from gendd.data import get_dataset
+    from gendd.methods import build_method
     from gendd.pipeline import resolve_backbone
 
     out = Path(out)
@@ -178,7 +190,9 @@ def run_quality(cfg: QualityConfig, out: str | os.PathLike, progress: bool = Tru
     test = get_dataset(cfg.data, "test", root=cfg.data_root)
     backbone = resolve_backbone(cfg.backbone, cfg.vae)
     report["backbone"] = {"spec": str(cfg.backbone), "latent_shape": list(backbone.latent_shape),
-                          "default_cfg_scale": backbone.meta.default_cfg_scale}
+                          "default_cfg_scale": backbone.meta.default_cfg_scale,
+                          "cfg_interval": build_method("dit", cfg_interval=cfg.cfg_interval).config
+                          .resolved_cfg_interval(backbone)}
 
     if cfg.recon_per_class:
         report["reconstruction"] = reconstruction_error(backbone, test, cfg.recon_per_class)
@@ -233,12 +247,17 @@ def run_quality(cfg: QualityConfig, out: str | os.PathLike, progress: bool = Tru
     return report
 
 
+def _interval(interval) -> str:
+    return "all" if interval is None else f"({interval[0]:g}, {interval[1]:g}]"
+
+
 def quality_markdown(report: dict[str, Any]) -> str:
     """The report as markdown tables (one per measured part)."""
     from gendd.bench import _fmt as _f
     cfg = report["config"]
     lines = [f"# Backbone quality: {report['backbone']['spec']} on {cfg['data']}", "",
-             f"Latent {report['backbone']['latent_shape']}, default CFG {report['backbone']['default_cfg_scale']}; "
+             f"Latent {report['backbone']['latent_shape']}, default CFG {report['backbone']['default_cfg_scale']}, "
+             f"guided noise levels {_interval(report['backbone'].get('cfg_interval'))}; "
              f"students: {cfg['student']}, profile `{cfg['profile']}`, {cfg['repeats']} per cell.", ""]
     rec = report.get("reconstruction")
     if rec:

@@ -40,6 +40,8 @@ class BackboneMeta:
         pad_value: value of the padding in [-1, 1] units.
         class_names: optional names of the conditioning classes.
         default_cfg_scale: the guidance scale methods use unless told otherwise (4.0 for DiT-XL/2).
+        default_cfg_interval: the noise-level interval ``[lo, hi]`` of that guidance
+            (:attr:`gendd.backbone.sampling.SamplerConfig.cfg_interval`); None = every step.
         source: free-text provenance (training command, hub id).
     """
 
@@ -49,6 +51,7 @@ class BackboneMeta:
     pad_value: float = -1.0
     class_names: list[str] = field(default_factory=list)
     default_cfg_scale: float = 4.0
+    default_cfg_interval: list[float] | None = None
     source: str = ""
 
 

@@ -34,6 +34,15 @@ from gendd.errors import ConfigError, NumericalError
 SAMPLERS = ("ddpm", "ddim")
 
 
+def check_cfg_interval(value) -> None:
+    """Refuse anything but ``[lo, hi]`` with ``0 <= lo < hi`` (``hi`` may be ``inf``) or None."""
+    ok = value is None or (isinstance(value, (tuple, list)) and len(value) == 2
+                           and all(isinstance(v, Real) and not isinstance(v, bool) for v in value)
+                           and 0 <= value[0] < value[1] and not math.isnan(value[1]))
+    if not ok:
+        raise ConfigError("use [lo, hi] with 0 <= lo < hi (hi may be inf) or None")
+
+
 @dataclass
 class SamplerConfig(Validated):
     """How to sample.
@@ -44,6 +53,10 @@ class SamplerConfig(Validated):
         num_steps: number of denoising steps (50 in every reference).
         cfg_scale: classifier-free guidance scale ``s`` (1 = conditional only).
         cfg_channels: guide only the first k latent channels (3 = DiT's quirk); None = all.
+        cfg_interval: ``(lo, hi)``: guide only the steps whose noise level ``sigma = sqrt((1 - abar) / abar)``
+            lies in ``(lo, hi]``, the conditional prediction elsewhere (Kynkäänniemi et al. 2024, "Applying
+            Guidance in a Limited Interval Improves Sample and Distribution Quality in Diffusion Models"; guidance
+            at high noise collapses diversity); None = every step.
         batch_size: latents denoised together.
     """
 
@@ -53,7 +66,16 @@ class SamplerConfig(Validated):
     num_steps: int = field(default=50, metadata=check(Integral, ge=1))
     cfg_scale: float = field(default=4.0, metadata=check(Real))
     cfg_channels: int | None = field(default=None, metadata=check(Integral, ge=1, optional=True))
+    cfg_interval: tuple[float, float] | None = field(default=None, metadata=check(
+        tuple, optional=True, test=check_cfg_interval))
     batch_size: int = field(default=256, metadata=check(Integral, ge=1))
+
+    def scale_at(self, abar: float) -> float:
+        """The guidance scale of a step at level ``abar`` (``cfg_scale`` inside ``cfg_interval``, else 1)."""
+        if self.cfg_interval is None:
+            return self.cfg_scale
+        lo, hi = self.cfg_interval
+        return self.cfg_scale if lo < math.sqrt((1.0 - abar) / abar) <= hi else 1.0
 
 
 @dataclass
@@ -250,7 +272,7 @@ def sample(backbone, noise: torch.Tensor, labels: torch.Tensor, config: SamplerC
             sl = slice(b0, b0 + bs)
             x, y = x_all[sl], labels[sl]
             tt = torch.full((x.shape[0],), t, dtype=torch.long, device=backbone.device)
-            eps, v = backbone.predict(x, tt, y, config.cfg_scale, config.cfg_channels)
+            eps, v = backbone.predict(x, tt, y, config.scale_at(abar), config.cfg_channels)
             state = StepState(step=i, t=t, x=x, labels=y, eps=eps, x0_hat=_x0(x, eps, abar),
                               abar=abar, abar_prev=abar_prev, index=torch.arange(n)[sl])
             for h in hooks:
@@ -293,7 +315,7 @@ def ddim_invert(backbone, z0: torch.Tensor, labels: torch.Tensor, num_inversion_
 
     ``num_inversion_steps = n`` inverts the last ``n`` sampling steps, so the result is ready for
     :func:`sample` with ``start_step = N - n`` (``n = 0`` is the identity). CFG (D3HR inverts with
-    CFG 4.0) follows ``config.cfg_scale``.
+    CFG 4.0) follows ``config.cfg_scale`` (and ``cfg_interval``, judged at the level of ``t_i``).
 
     Returns the inverted latents, or with ``return_all`` a list of the latents after each
     inversion step (index j = after j + 1 steps).
@@ -315,7 +337,7 @@ def ddim_invert(backbone, z0: torch.Tensor, labels: torch.Tensor, num_inversion_
             t = int(schedule.timesteps[i])
             a_from, a_to = float(schedule.abar_prev[i]), float(schedule.abar[i])
             tt = torch.full((x.shape[0],), t, dtype=torch.long, device=backbone.device)
-            eps, _ = backbone.predict(x, tt, y, config.cfg_scale, config.cfg_channels)
+            eps, _ = backbone.predict(x, tt, y, config.scale_at(a_to), config.cfg_channels)
             x0_hat = (x - math.sqrt(1 - a_from) * eps) / math.sqrt(a_from)
             x = math.sqrt(a_to) * x0_hat + math.sqrt(1 - a_to) * eps
             if return_all:

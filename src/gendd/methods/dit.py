@@ -1,7 +1,9 @@
 """``dit``: plain class-conditional sampling with classifier-free guidance (Peebles & Xie 2023).
 
 DDPM-50 on DiT's respaced chain is what Minimax, MGD3 and the memory paper sample with; DDIM-50 is
-D3HR's sampler. ``cfg_scale=None`` takes the backbone's default (4.0 for DiT-XL/2).
+D3HR's sampler. ``cfg_scale=None`` takes the backbone's default (4.0 for DiT-XL/2); ``cfg_interval="auto"``
+the backbone's guidance interval (:class:`gendd.backbone.sampling.SamplerConfig`; None on every shipped DiT but
+Fashion-MNIST's own), ``None`` guides every step.
 
 ``cfg_channels="auto"`` follows each method's reference on the original DiT release (learned sigma, 4 latent
 channels: DiT-XL/2 and its family), whose ``forward_with_cfg`` guides only the first three latent channels:
@@ -23,7 +25,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from gendd.backbone.sampling import SAMPLERS, GroupedGenerator, SamplerConfig, sample
+from gendd.backbone.sampling import SAMPLERS, GroupedGenerator, SamplerConfig, check_cfg_interval, sample
 from gendd.config import check
 from gendd.errors import ConfigError
 from gendd.methods.base import ClassContext, ClassResult, Method, MethodConfig
@@ -34,6 +36,15 @@ def _check_cfg_channels(value) -> None:
         raise ConfigError('use an integer >= 1, None (all channels) or "auto"')
     if not isinstance(value, str) and value is not None and value < 1:
         raise ConfigError("must be >= 1")
+
+
+def check_cfg_interval_option(value) -> None:
+    """``cfg_interval`` of a method: ``[lo, hi]``, None or "auto"."""
+    if isinstance(value, str):
+        if value != "auto":
+            raise ConfigError('use [lo, hi], None (every step) or "auto"')
+        return
+    check_cfg_interval(value)
 
 
 def _check_template(value) -> None:
@@ -51,7 +62,8 @@ def is_dit_release(backbone) -> bool:
 class DiTConfig(MethodConfig):
     """Attributes: sampler (ddpm|ddim), num_steps, cfg_scale (None = backbone default),
     cfg_channels (guide the first k latent channels; None = all; "auto" = the method's reference on a DiT
-    release, module docstring), batch_size; on a text-to-image backbone: prompt (template), negative_prompt."""
+    release, module docstring), cfg_interval (guide only noise levels in ``(lo, hi]``; None = every step;
+    "auto" = the backbone's default), batch_size; on a text-to-image backbone: prompt (template), negative_prompt."""
 
     config_what: ClassVar[str] = "dit"
     #: channels the method's reference guides on a DiT release (``forward_with_cfg``'s three).
@@ -65,6 +77,8 @@ class DiTConfig(MethodConfig):
     cfg_scale: float | None = field(default=None, metadata=check(Real, optional=True))
     cfg_channels: int | str | None = field(default="auto", metadata=check(Integral, str, optional=True,
                                                                           test=_check_cfg_channels))
+    cfg_interval: tuple[float, float] | str | None = field(default="auto", metadata=check(
+        tuple, str, optional=True, test=check_cfg_interval_option))
     batch_size: int = field(default=256, metadata=check(Integral, ge=1))
     prompt: str | None = field(default=None, metadata=check(str, optional=True, test=_check_template))
     negative_prompt: str | None = field(default=None, metadata=check(str, optional=True))
@@ -82,15 +96,25 @@ class DiTConfig(MethodConfig):
             return self.cfg_channels
         return self.reference_cfg_channels if is_dit_release(backbone) else None
 
+    def resolved_cfg_interval(self, backbone) -> tuple[float, float] | None:
+        if self.cfg_interval != "auto":
+            interval = self.cfg_interval
+        else:
+            interval = backbone.meta.default_cfg_interval
+        return None if interval is None else (float(interval[0]), float(interval[1]))
+
     def sampler_config(self, backbone) -> SamplerConfig:
         scale = backbone.meta.default_cfg_scale if self.cfg_scale is None else self.cfg_scale
         return SamplerConfig(sampler=self.sampler, num_steps=self.num_steps, cfg_scale=scale,
-                             cfg_channels=self.resolved_cfg_channels(backbone), batch_size=self.batch_size)
+                             cfg_channels=self.resolved_cfg_channels(backbone),
+                             cfg_interval=self.resolved_cfg_interval(backbone), batch_size=self.batch_size)
 
     def resolved(self, backbone) -> dict:
         """The values of the automatic options for ``backbone`` (recorded in the manifest)."""
         cfg = self.sampler_config(backbone)
         out = {"cfg_scale": cfg.cfg_scale, "cfg_channels": cfg.cfg_channels}
+        if cfg.cfg_interval is not None:
+            out["cfg_interval"] = list(cfg.cfg_interval)
         if backbone.text_conditioned:
             out.update(self.conditioning(backbone), prompts=list(backbone.prompts))
         return out
