@@ -270,7 +270,9 @@ class LatentBackbone(torch.nn.Module):
                 h.update(k.encode())
                 h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         h.update(json.dumps(self.scheduler_config, sort_keys=True, default=str).encode())
-        h.update(json.dumps(asdict(self.meta), sort_keys=True).encode())
+        # unset (None) fields are left out, so a field added later keeps every earlier backbone's hash
+        meta = {k: v for k, v in asdict(self.meta).items() if v is not None}
+        h.update(json.dumps(meta, sort_keys=True).encode())
         for extra in self._hashed_extra():
             h.update(json.dumps(extra, sort_keys=True, default=str).encode())
         return h.hexdigest()[:16]
