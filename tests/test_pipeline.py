@@ -139,6 +139,6 @@ def test_fashion_mnist_v3_loads_by_name_and_continues_v2():
     record = json.loads((backbone_folder("fashion-mnist-v3") / "train_config.json").read_text())
     assert record["init_hash"] == resolve_backbone("fashion-mnist-v2").content_hash()
     # v3 is the dataset's default backbone, at the guidance chosen by downstream accuracy (BENCHMARKS.md §11):
-    # CFG 3.0 at noise levels sigma <= 1 only
+    # CFG 5.0 at noise levels sigma <= 1 only
     assert resolve_backbone("fashion-mnist").content_hash() == bb.content_hash()
-    assert bb.meta.default_cfg_scale == 3.0 and bb.meta.default_cfg_interval == [0.0, 1.0]
+    assert bb.meta.default_cfg_scale == 5.0 and bb.meta.default_cfg_interval == [0.0, 1.0]
