@@ -2,8 +2,8 @@
 
 DDPM-50 on DiT's respaced chain is what Minimax, MGD3 and the memory paper sample with; DDIM-50 is
 D3HR's sampler. ``cfg_scale=None`` takes the backbone's default (4.0 for DiT-XL/2); ``cfg_interval="auto"``
-the backbone's guidance interval (:class:`gendd.backbone.sampling.SamplerConfig`; None on every shipped DiT but
-Fashion-MNIST's own), ``None`` guides every step.
+the backbone's guidance interval (:class:`gendd.backbone.sampling.SamplerConfig`; ``[0, 1]`` for
+``fashion-mnist-v3``, None = every step for the other backbones).
 
 ``cfg_channels="auto"`` follows each method's reference on the original DiT release (learned sigma, 4 latent
 channels: DiT-XL/2 and its family), whose ``forward_with_cfg`` guides only the first three latent channels:
