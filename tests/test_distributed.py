@@ -4,6 +4,7 @@ number of ranks finishes without recomputing committed classes."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import multiprocessing as mp
 import os
@@ -36,6 +37,8 @@ def _worker(rank: int, size: int, root: str, out: str, methods: list[str], die_a
 
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                                 world_size=size, timeout=datetime.timedelta(seconds=20))
+
+        atexit.register(dist.destroy_process_group)  # left before exit: gloo can abort in teardown
     from conftest import make_dataset
     from gendd.backbone import tiny_backbone
     from gendd.cache import LatentCache
@@ -142,6 +145,7 @@ def _bench_worker(rank: int, size: int, root: str, store: str) -> None:
     if size > 1:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size,
                                 timeout=datetime.timedelta(seconds=60))
+        atexit.register(dist.destroy_process_group)  # left before exit: gloo can abort in teardown
     import gendd.evaluate as ev
     from gendd.bench import run_bench
     from test_bench import tiny_config
@@ -190,6 +194,8 @@ def _finetune_worker(rank: int, size: int, root: str, store: str, eviction: str)
 
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size,
                                 timeout=datetime.timedelta(seconds=60))
+
+        atexit.register(dist.destroy_process_group)  # left before exit: gloo can abort in teardown
     from gendd.backbone import tiny_backbone
     from gendd.backbone.finetune import FinetuneConfig, finetune
 
@@ -270,6 +276,8 @@ def _preview_worker(rank: int, size: int, root: str, store: str) -> None:
 
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size,
                                 timeout=datetime.timedelta(seconds=60))
+
+        atexit.register(dist.destroy_process_group)  # left before exit: gloo can abort in teardown
     from gendd.backbone import tiny_backbone
     from gendd.methods import build_method
     from gendd.pipeline import sample_preview

@@ -460,7 +460,7 @@ def report_cmd(
 def main() -> None:
     """Entry point: GenddError -> one line on stderr, exit status 2. Under ``torchrun`` the ranks join one
     process group first (:mod:`gendd.distributed`)."""
-    from gendd.distributed import init_from_env
+    from gendd.distributed import init_from_env, shutdown
     from gendd.hardware import tune_allocator
 
     tune_allocator()
@@ -470,6 +470,8 @@ def main() -> None:
     except GenddError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

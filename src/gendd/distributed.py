@@ -100,6 +100,15 @@ def init_from_env(timeout_s: float = 1800.0) -> World:
     return current_world()
 
 
+def shutdown() -> None:
+    """Leave the process group, if this process joined one (a gloo group left to the interpreter's exit can abort
+    the process while its threads are torn down)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def default_device() -> str:
     """Where this rank's models run: ``$GENDD_DEVICE`` if set, else its GPU (``cuda:<LOCAL_RANK>``) when CUDA is
     available, else the CPU."""
