@@ -263,22 +263,18 @@ def test_cfg_interval_guides_only_the_noise_levels_inside(tiny_bb, monkeypatch):
     assert dict(seen) == want and len(seen) == len(want)
 
 
-def test_cfg_interval_auto_is_the_backbones_default(tiny_bb):
+def test_cfg_interval_auto_is_the_backbones_default(tiny_bb, monkeypatch):
     import dataclasses
 
     from gendd.methods import build_method
 
     cfg = build_method("dit", cfg_scale=2.0).config
     assert cfg.cfg_interval == "auto" and cfg.sampler_config(tiny_bb).cfg_interval is None
-    meta = tiny_bb.meta
-    tiny_bb.meta = dataclasses.replace(meta, default_cfg_interval=[0, 2])
-    try:
-        assert cfg.sampler_config(tiny_bb).cfg_interval == (0.0, 2.0)
-        assert cfg.resolved(tiny_bb)["cfg_interval"] == [0.0, 2.0]
-        assert build_method("dit", cfg_interval=None).config.sampler_config(tiny_bb).cfg_interval is None
-        assert build_method("dit", cfg_interval=[1, 3]).config.sampler_config(tiny_bb).cfg_interval == (1.0, 3.0)
-    finally:
-        tiny_bb.meta = meta
+    monkeypatch.setattr(tiny_bb, "meta", dataclasses.replace(tiny_bb.meta, default_cfg_interval=[0, 2]))
+    assert cfg.sampler_config(tiny_bb).cfg_interval == (0.0, 2.0)
+    assert cfg.resolved(tiny_bb)["cfg_interval"] == [0.0, 2.0]
+    assert build_method("dit", cfg_interval=None).config.sampler_config(tiny_bb).cfg_interval is None
+    assert build_method("dit", cfg_interval=[1, 3]).config.sampler_config(tiny_bb).cfg_interval == (1.0, 3.0)
     for bad in ([2, 1], [1], "sometimes", [-1, 2]):
         with pytest.raises(ConfigError, match="cfg_interval"):
             build_method("dit", cfg_interval=bad)

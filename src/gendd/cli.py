@@ -133,6 +133,7 @@ def backbone_sample(
     from gendd.distributed import current_world
     from gendd.errors import ConfigError
     from gendd.export import save_grid
+    from gendd.methods.dit import resolve_cfg_interval
     from gendd.pipeline import resolve_backbone, sample_preview
 
     for name, value in (("--per-class", per_class), ("--classes", classes)):
@@ -145,8 +146,7 @@ def backbone_sample(
         raise ConfigError("backbone sample draws the labels of a class-conditional backbone; sample a text-to-image "
                           "backbone for a dataset's classes with `gendd distill dit --data NAME --backbone PATH`")
     scale = bb.meta.default_cfg_scale if cfg_scale is None else cfg_scale
-    interval = bb.meta.default_cfg_interval
-    config = SamplerConfig(sampler, steps, scale, cfg_interval=None if interval is None else tuple(interval))
+    config = SamplerConfig(sampler, steps, scale, cfg_interval=resolve_cfg_interval("auto", bb))
     images = sample_preview(bb, min(classes, bb.num_classes), per_class, config, seed)
     if current_world().is_main:
         save_grid(images, per_class, out)

@@ -180,7 +180,7 @@ def run_quality(cfg: QualityConfig, out: str | os.PathLike, progress: bool = Tru
     """Measure (or resume measuring) everything of the module docstring into ``out``; returns the report."""
     from gendd.bench import compute_bench_metrics, compute_teacher_metrics, run_bench, set_folder
     from gendd.data import get_dataset
-    from gendd.methods import build_method
+    from gendd.methods.dit import resolve_cfg_interval
     from gendd.pipeline import resolve_backbone
 
     out = Path(out)
@@ -191,8 +191,7 @@ def run_quality(cfg: QualityConfig, out: str | os.PathLike, progress: bool = Tru
     backbone = resolve_backbone(cfg.backbone, cfg.vae)
     report["backbone"] = {"spec": str(cfg.backbone), "latent_shape": list(backbone.latent_shape),
                           "default_cfg_scale": backbone.meta.default_cfg_scale,
-                          "cfg_interval": build_method("dit", cfg_interval=cfg.cfg_interval).config
-                          .resolved_cfg_interval(backbone)}
+                          "cfg_interval": resolve_cfg_interval(cfg.cfg_interval, backbone)}
 
     if cfg.recon_per_class:
         report["reconstruction"] = reconstruction_error(backbone, test, cfg.recon_per_class)

@@ -47,6 +47,12 @@ def check_cfg_interval_option(value) -> None:
     check_cfg_interval(value)
 
 
+def resolve_cfg_interval(option, backbone) -> tuple[float, float] | None:
+    """The interval a ``cfg_interval`` option means on ``backbone`` ("auto" = its ``default_cfg_interval``)."""
+    interval = backbone.meta.default_cfg_interval if option == "auto" else option
+    return None if interval is None else (float(interval[0]), float(interval[1]))
+
+
 def _check_template(value) -> None:
     from gendd.backbone.text import check_prompt_template
 
@@ -96,18 +102,11 @@ class DiTConfig(MethodConfig):
             return self.cfg_channels
         return self.reference_cfg_channels if is_dit_release(backbone) else None
 
-    def resolved_cfg_interval(self, backbone) -> tuple[float, float] | None:
-        if self.cfg_interval != "auto":
-            interval = self.cfg_interval
-        else:
-            interval = backbone.meta.default_cfg_interval
-        return None if interval is None else (float(interval[0]), float(interval[1]))
-
     def sampler_config(self, backbone) -> SamplerConfig:
         scale = backbone.meta.default_cfg_scale if self.cfg_scale is None else self.cfg_scale
         return SamplerConfig(sampler=self.sampler, num_steps=self.num_steps, cfg_scale=scale,
                              cfg_channels=self.resolved_cfg_channels(backbone),
-                             cfg_interval=self.resolved_cfg_interval(backbone), batch_size=self.batch_size)
+                             cfg_interval=resolve_cfg_interval(self.cfg_interval, backbone), batch_size=self.batch_size)
 
     def resolved(self, backbone) -> dict:
         """The values of the automatic options for ``backbone`` (recorded in the manifest)."""
